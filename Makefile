@@ -1,0 +1,32 @@
+# Thin wrapper: set-up, the quick pipeline, the tests. Snakemake does the real work.
+PY := .venv/bin/python
+STAMP := .venv/.installed
+CORES ?= 2
+
+.PHONY: setup quick test lint dag clean
+
+setup: $(STAMP)
+
+# torch==2.13.0 first: on the dev/CI machines that is a local CPU wheel; a bare `torch`
+# requirement would otherwise pull a multi-GB CUDA build.
+$(STAMP): pyproject.toml
+	python3 -m venv .venv
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q torch==2.13.0 || $(PY) -m pip install -q torch
+	$(PY) -m pip install -q -e '.[bundled,test]'
+	touch $(STAMP)
+
+quick: setup
+	.venv/bin/snakemake --cores $(CORES) --profile profiles/cpu results/quick/eval/metrics.json
+
+test: setup
+	.venv/bin/pytest -q tests
+
+lint: setup
+	.venv/bin/ruff check .
+
+dag: setup
+	.venv/bin/snakemake --dag mermaid-js results/quick/eval/metrics.json
+
+clean:
+	rm -rf results .snakemake

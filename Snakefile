@@ -1,0 +1,25 @@
+# Mixture-of-LoRA-experts Whisper for atypical speech (SAP data).
+# Targets live under results/<run>/; runs are named in config (config/config.yaml, --configfile).
+#   snakemake --cores 2 --profile profiles/cpu results/quick/eval/metrics.json
+from snakemake.utils import min_version
+
+# 9.20: numeric `runtime` resources are read correctly again (misread in 9.16-9.19).
+min_version("9.20")
+
+
+configfile: "config/config.yaml"
+
+
+include: "rules/common.smk"
+include: "rules/data.smk"
+include: "rules/embeddings.smk"
+include: "rules/clustering.smk"
+include: "rules/gating.smk"
+include: "rules/experts.smk"
+include: "rules/asr.smk"
+include: "rules/eval.smk"
+
+
+rule all:
+    input:
+        final_targets,

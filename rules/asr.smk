@@ -1,0 +1,29 @@
+# Joint mixture-of-LoRA-experts training: the gate routes each utterance to one expert.
+
+
+rule asr:
+    input:
+        unpack(pretraining_inputs),
+        train="results/{run}/data/asr_train.json",
+        val="results/{run}/data/asr_val.json",
+        model=lambda w: base_model_input(w.run),
+    output:
+        directory("results/{run}/asr_best"),
+    log:
+        "results/{run}/logs/asr.log",
+    benchmark:
+        "results/{run}/benchmarks/asr.tsv"
+    params:
+        model=lambda w: base_model_path(w.run),
+        pretrained=pretrained_flags,
+        # Resume checkpoints live outside the declared output, which Snakemake deletes on rerun.
+        work_dir="results/{run}/_work/asr",
+        settings=lambda w: settings_json(w.run, "lora", "asr", "training"),
+    threads: 2
+    resources:
+        mem_mb=24000,
+        gpu=1,
+    shell:
+        "{PYTHON} -m workflow_scripts.asr --train {input.train} --val {input.val}"
+        " --base-model {params.model} {params.pretrained} --out {output}"
+        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"

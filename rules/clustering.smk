@@ -1,0 +1,41 @@
+# Pooled embeddings -> reduction -> clusters. A checkpoint: the expert jobs follow the actual count.
+
+
+checkpoint clustering:
+    input:
+        mapping="results/{run}/embeddings/mapping.json",
+        embeddings="results/{run}/embeddings/embeddings.npy",
+    output:
+        labels="results/{run}/cluster_labels.npy",
+        summary="results/{run}/clusters.json",
+    log:
+        "results/{run}/logs/clustering.log",
+    benchmark:
+        "results/{run}/benchmarks/clustering.tsv"
+    params:
+        settings=lambda w: settings_json(w.run, "clustering"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+    shell:
+        "{PYTHON} -m workflow_scripts.clustering cluster --embeddings-dir results/{wildcards.run}/embeddings"
+        " --labels-out {output.labels} --summary-out {output.summary}"
+        " --settings {params.settings:q} > {log} 2>&1"
+
+
+rule cluster_plot:
+    input:
+        mapping="results/{run}/embeddings/mapping.json",
+        labels="results/{run}/cluster_labels.npy",
+    output:
+        report("results/{run}/cluster_plot.png", caption="../config/report_cluster_plot.rst"),
+    log:
+        "results/{run}/logs/cluster_plot.log",
+    params:
+        settings=lambda w: settings_json(w.run, "clustering"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "{PYTHON} -m workflow_scripts.clustering plot --embeddings-dir results/{wildcards.run}/embeddings"
+        " --labels {input.labels} --out {output} --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,98 @@
+# Config loading and validation, run settings, path helpers. Rules pull every value through the
+# small functions here, so rule bodies hold no logic.
+import functools
+import json
+import sys
+
+from snakemake.utils import validate
+
+sys.path.insert(0, workflow.basedir)
+
+from workflow_scripts.base_model import resolve_base_model  # noqa: E402
+from workflow_scripts.settings import resolve_run, stage_settings  # noqa: E402
+
+
+validate(config, "../config/schema.yaml")
+
+# The interpreter that runs Snakemake (the project venv) also runs every stage.
+PYTHON = sys.executable
+MODELS_DIR = "results/_models"
+CORPORA_DIR = "results/_corpora"
+# Generated corpora do not depend on a run's seed, so runs with different seeds share them.
+CORPUS_SEED = 0
+
+
+wildcard_constraints:
+    run="[A-Za-z0-9][A-Za-z0-9_-]*",
+    expert=r"\d+",
+
+
+@functools.cache
+def run_settings(run):
+    return resolve_run(config, run)
+
+
+def settings_json(run, *sections):
+    """The settings one stage reads, as JSON for its --settings flag (and Snakemake's params trigger)."""
+    return json.dumps(stage_settings(run_settings(run), *sections), sort_keys=True)
+
+
+def dataset_path(run):
+    root = run_settings(run)["dataset_root"]
+    if root.startswith("synthetic:"):
+        return f"{CORPORA_DIR}/{root.split(':', 1)[1]}"
+    return root
+
+
+def base_model_path(run):
+    """Local folder (made by rule base_model for bundled:* and tiny-random) or a hub id."""
+    return resolve_base_model(run_settings(run)["base_model"], MODELS_DIR)
+
+
+def base_model_input(run):
+    path = base_model_path(run)
+    return [path] if path.startswith(MODELS_DIR + "/") else []
+
+
+def skip_pretraining(run):
+    return run_settings(run)["skip_pretraining"]
+
+
+def num_clusters(wildcards):
+    """Experts follow the clustering result, known only once the clustering checkpoint has run."""
+    summary = checkpoints.clustering.get(run=wildcards.run).output.summary
+    with open(summary) as f:
+        return json.load(f)["num_clusters"]
+
+
+def expert_dirs(wildcards):
+    return [f"results/{wildcards.run}/experts/expert_{i}" for i in range(num_clusters(wildcards))]
+
+
+def pretraining_inputs(wildcards):
+    """What joint training starts from: pretrained gate + experts, or nothing (random init)."""
+    if skip_pretraining(wildcards.run):
+        return {}
+    run = wildcards.run
+    return {
+        "gating": f"results/{run}/gating.pt",
+        "experts": f"results/{run}/experts/manifest.json",
+        "assignment": f"results/{run}/experts/assignment.json",
+    }
+
+
+def plot_targets(run):
+    if skip_pretraining(run) or not run_settings(run)["plot"]:
+        return []
+    return [f"results/{run}/cluster_plot.png", f"results/{run}/gating_metrics.png"]
+
+
+def final_targets(wildcards):
+    """`snakemake` with no target: the quick run's report."""
+    return ["results/quick/eval/metrics.json"]
+
+
+def pretrained_flags(wildcards, input):
+    """CLI flags for the pretrained gate/experts, empty when the run skips pretraining."""
+    names = ("gating", "experts", "assignment")
+    return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())

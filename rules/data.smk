@@ -1,0 +1,63 @@
+# Inputs of every run: the dataset (generated when synthetic), the base model, the per-stage samples.
+
+
+rule demo_corpus:
+    output:
+        directory(f"{CORPORA_DIR}/{{size}}"),
+    log:
+        f"{CORPORA_DIR}/logs/{{size}}.log",
+    benchmark:
+        f"{CORPORA_DIR}/benchmarks/{{size}}.tsv"
+    params:
+        seed=CORPUS_SEED,
+    wildcard_constraints:
+        size="tiny|small|medium",
+    threads: 2
+    resources:
+        mem_mb=2000,
+    shell:
+        "{PYTHON} -m workflow_scripts.demo_corpus --out {output} --size {wildcards.size}"
+        " --seed {params.seed} --jobs {threads} > {log} 2>&1"
+
+
+rule base_model:
+    output:
+        directory(f"{MODELS_DIR}/{{name}}"),
+    log:
+        f"{MODELS_DIR}/logs/{{name}}.log",
+    benchmark:
+        f"{MODELS_DIR}/benchmarks/{{name}}.tsv"
+    params:
+        spec=lambda w: w.name if w.name == "tiny-random" else f"bundled:{w.name}",
+    wildcard_constraints:
+        name=r"tiny-random|tiny\.en|base|small",
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "{PYTHON} -m workflow_scripts.base_model --spec {params.spec} --out {output} > {log} 2>&1"
+
+
+rule prepare_data:
+    input:
+        dataset=lambda w: dataset_path(w.run),
+    output:
+        embedding="results/{run}/data/embedding.json",
+        expert="results/{run}/data/expert.json",
+        asr_train="results/{run}/data/asr_train.json",
+        asr_val="results/{run}/data/asr_val.json",
+        eval="results/{run}/data/eval.json",
+        report="results/{run}/data_report.json",
+    log:
+        "results/{run}/logs/prepare_data.log",
+    benchmark:
+        "results/{run}/benchmarks/prepare_data.tsv"
+    params:
+        settings=lambda w: settings_json(w.run, "data", "train_split", "eval_split"),
+    threads: 1
+    resources:
+        mem_mb=4000,
+    shell:
+        "{PYTHON} -m workflow_scripts.data --dataset-root {input.dataset}"
+        " --out-dir results/{wildcards.run}/data --report {output.report}"
+        " --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,27 @@
+# Pooled Whisper encoder embeddings of the (stratified) embedding sample.
+
+
+rule embeddings:
+    input:
+        utterances="results/{run}/data/embedding.json",
+        model=lambda w: base_model_input(w.run),
+    output:
+        mapping="results/{run}/embeddings/mapping.json",
+        embeddings="results/{run}/embeddings/embeddings.npy",
+    log:
+        "results/{run}/logs/embeddings.log",
+    benchmark:
+        "results/{run}/benchmarks/embeddings.tsv"
+    params:
+        model=lambda w: base_model_path(w.run),
+        # Partial results survive a crash here: Snakemake removes declared outputs before a rerun.
+        work_dir="results/{run}/_work/embeddings",
+        settings=lambda w: settings_json(w.run, "embeddings"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    shell:
+        "{PYTHON} -m workflow_scripts.embeddings --utterances {input.utterances}"
+        " --base-model {params.model} --out-dir results/{wildcards.run}/embeddings"
+        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"

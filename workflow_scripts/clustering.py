@@ -1,0 +1,458 @@
+"""Clustering stage: pooled encoder embeddings -> one expert label per utterance.
+
+Two subcommands, so that the workflow can drop the plot rule (`clustering.plot: false`) without
+touching the labels:
+
+    python -m workflow_scripts.clustering cluster --embeddings-dir DIR --labels-out cluster_labels.npy \
+        --summary-out clusters.json --settings JSON
+    python -m workflow_scripts.clustering plot --embeddings-dir DIR --labels cluster_labels.npy \
+        --out cluster_plot.png --settings JSON [--summary clusters.json]
+
+Labels are int64, one per embeddings row, 0..K-1 with 0 the largest cluster. HDBSCAN noise is
+assigned to the nearest centroid so every utterance has an expert; more clusters than `num_experts`
+are merged (smallest first) so the label count never exceeds the experts the run trains.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+DEFAULTS: dict[str, Any] = {
+    "algorithm": "hdbscan",
+    "reduce": "pca",
+    "reduce_dim": 50,
+    "min_cluster_size": 5,
+    "min_samples": None,
+    "metric": "euclidean",
+    "allow_single_cluster": False,
+    "hdbscan_algorithm": "best",
+    "min_clusters": None,
+    "reduce_experts": True,
+    "min_experts": 2,
+    "max_retries": 5,
+    "plot_method": "pca",
+}
+# `plot` belongs to the workflow (whether the plot rule exists); accepted here so the same section
+# can be passed unchanged.
+_WORKFLOW_KEYS = {"plot"}
+_CHOICES = {
+    "algorithm": ("hdbscan", "spectral"),
+    "reduce": ("none", "pca", "umap"),
+    "plot_method": ("pca", "umap"),
+    "hdbscan_algorithm": (
+        "best",
+        "generic",
+        "prims_kdtree",
+        "prims_balltree",
+        "boruvka_kdtree",
+        "boruvka_balltree",
+    ),
+}
+
+
+class ClusteringError(ValueError):
+    """Bad input or settings, or a clustering result the settings do not accept."""
+
+
+def resolve_settings(raw: dict) -> tuple[dict, int, int]:
+    """The clustering section with defaults filled in, plus `num_experts` and `seed`."""
+    section = dict(raw.get("clustering") or {})
+    unknown = sorted(set(section) - set(DEFAULTS) - _WORKFLOW_KEYS)
+    if unknown:
+        raise ClusteringError(
+            f"settings clustering: unknown key(s) {unknown}; allowed: {sorted(DEFAULTS)}. Fix the spelling."
+        )
+    cfg = {**DEFAULTS, **section}
+    for key, allowed in _CHOICES.items():
+        if cfg[key] not in allowed:
+            raise ClusteringError(f"settings clustering.{key}={cfg[key]!r}: use one of {list(allowed)}.")
+    num_experts = raw.get("num_experts")
+    if not isinstance(num_experts, int) or num_experts < 1:
+        raise ClusteringError(f"settings num_experts={num_experts!r}: give a positive integer.")
+    for key, low in (("reduce_dim", 1), ("min_cluster_size", 2), ("min_experts", 1), ("max_retries", 0)):
+        if not isinstance(cfg[key], int) or cfg[key] < low:
+            raise ClusteringError(f"settings clustering.{key}={cfg[key]!r}: give an integer >= {low}.")
+    for key in ("min_samples", "min_clusters"):
+        if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
+            raise ClusteringError(f"settings clustering.{key}={cfg[key]!r}: give an integer >= 1 or null.")
+    if cfg["min_experts"] > num_experts:
+        raise ClusteringError(
+            f"settings clustering.min_experts={cfg['min_experts']} exceeds num_experts={num_experts}; "
+            f"lower min_experts."
+        )
+    return cfg, num_experts, int(raw.get("seed", 0))
+
+
+def load_embeddings(embeddings_dir: str | os.PathLike) -> tuple[np.ndarray, list[str]]:
+    """float32 embeddings (N, D) and the etiology of each row, checked against mapping.json."""
+    folder = Path(embeddings_dir)
+    npy, mapping_path = folder / "embeddings.npy", folder / "mapping.json"
+    for p in (npy, mapping_path):
+        if not p.is_file():
+            raise ClusteringError(f"{p} is missing; run the embeddings stage first.")
+    emb = np.load(npy).astype(np.float32)
+    with open(mapping_path) as f:
+        mapping = json.load(f)
+    utts = mapping.get("utterances") or {}
+    if emb.ndim != 2 or emb.shape[0] != len(utts):
+        raise ClusteringError(
+            f"{npy} has shape {emb.shape} but {mapping_path} lists {len(utts)} utterances; "
+            f"rerun the embeddings stage."
+        )
+    if mapping.get("dim") not in (None, emb.shape[1]):
+        raise ClusteringError(f"{mapping_path} says dim {mapping['dim']} but {npy} rows have {emb.shape[1]}.")
+    etiologies: list[str | None] = [None] * len(utts)
+    for utt_id, info in utts.items():
+        row = info.get("row")
+        if not isinstance(row, int) or not 0 <= row < len(utts) or etiologies[row] is not None:
+            raise ClusteringError(f"{mapping_path}: utterance {utt_id} has a bad or duplicate row {row!r}.")
+        etiologies[row] = str(info.get("etiology", "unknown"))
+    if not np.isfinite(emb).all():
+        raise ClusteringError(f"{npy} contains NaN/inf values; rerun the embeddings stage.")
+    return emb, etiologies  # type: ignore[return-value]
+
+
+def _umap(x: np.ndarray, dim: int, seed: int, metric: str = "euclidean") -> np.ndarray:
+    import umap  # imported lazily: numba compilation costs ~10 s
+
+    # A fixed random_state makes UMAP single-threaded and reproducible; n_neighbors must be < N.
+    reducer = umap.UMAP(
+        n_components=dim, n_neighbors=min(15, x.shape[0] - 1), random_state=seed, metric=metric
+    )
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*n_jobs value.*")
+        return np.asarray(reducer.fit_transform(x), dtype=np.float64)
+
+
+def reduce_embeddings(emb: np.ndarray, method: str, dim: int, seed: int) -> tuple[np.ndarray, int]:
+    """Standardise, then reduce to `dim` (capped so the method can run on N rows)."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    n, d = emb.shape
+    x = StandardScaler().fit_transform(emb.astype(np.float64))
+    if method == "none":
+        return x, d
+    # PCA cannot have more components than min(N-1, D); UMAP's spectral init needs dim <= N-2.
+    cap = min(n - 1, d) if method == "pca" else min(n - 2, d)
+    if cap < 1:
+        raise ClusteringError(f"clustering.reduce={method} needs more than {n} embeddings; use reduce: none.")
+    used = min(dim, cap)
+    if used < dim:
+        log.info("reduce_dim %d capped to %d (N=%d embeddings, D=%d)", dim, used, n, d)
+    if method == "pca":
+        return PCA(n_components=used, random_state=seed).fit_transform(x), used
+    return _umap(x, used, seed), used
+
+
+def _hdbscan(z: np.ndarray, cfg: dict, min_cluster_size: int) -> np.ndarray:
+    import hdbscan
+
+    min_samples = cfg["min_samples"] if cfg["min_samples"] is not None else min_cluster_size
+    model = hdbscan.HDBSCAN(
+        min_cluster_size=min_cluster_size,
+        min_samples=min(min_samples, z.shape[0] - 1),
+        metric=cfg["metric"],
+        allow_single_cluster=cfg["allow_single_cluster"],
+        algorithm=cfg["hdbscan_algorithm"],
+    )
+    try:
+        return np.asarray(model.fit_predict(z), dtype=np.int64)
+    except ValueError as e:
+        raise ClusteringError(
+            f"HDBSCAN failed with clustering.metric={cfg['metric']!r}, "
+            f"clustering.hdbscan_algorithm={cfg['hdbscan_algorithm']!r}: {e}. Use hdbscan_algorithm: best."
+        ) from e
+
+
+def spectral(z: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """Spectral clustering on a nearest-neighbour graph; k is capped by N."""
+    from sklearn.cluster import SpectralClustering
+
+    n = z.shape[0]
+    model = SpectralClustering(
+        n_clusters=min(k, n),
+        affinity="nearest_neighbors",
+        n_neighbors=max(1, min(10, n - 1)),
+        random_state=seed,
+    )
+    with warnings.catch_warnings():
+        # Well-separated groups give a disconnected graph; the embedding is still usable.
+        warnings.filterwarnings("ignore", message="Graph is not fully connected")
+        return np.asarray(model.fit_predict(z), dtype=np.int64)
+
+
+def _centroids(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.unique(labels[labels >= 0])
+    return ids, np.stack([z[labels == c].mean(axis=0) for c in ids])
+
+
+def reassign_noise(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
+    """Give each noise point (-1) the label of the nearest cluster centroid."""
+    noise = labels < 0
+    if not noise.any():
+        return labels, 0
+    ids, cents = _centroids(z, labels)
+    dists = ((z[noise, None, :] - cents[None, :, :]) ** 2).sum(axis=-1)
+    out = labels.copy()
+    out[noise] = ids[dists.argmin(axis=1)]
+    return out, int(noise.sum())
+
+
+def merge_smallest(z: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, int]:
+    """Merge the smallest cluster into the one with the nearest centroid until k remain."""
+    out, merged = labels.copy(), 0
+    while len(np.unique(out)) > k:
+        ids, cents = _centroids(z, out)
+        sizes = np.array([(out == c).sum() for c in ids])
+        small = int(sizes.argmin())  # ties: lowest id, so the result is deterministic
+        dist = ((cents - cents[small]) ** 2).sum(axis=1)
+        dist[small] = np.inf
+        out[out == ids[small]] = ids[int(dist.argmin())]
+        merged += 1
+    return out, merged
+
+
+def relabel_by_size(labels: np.ndarray) -> np.ndarray:
+    """Labels 0..K-1, 0 the largest cluster (ties: lower original label first)."""
+    ids, counts = np.unique(labels, return_counts=True)
+    order = ids[np.lexsort((ids, -counts))]
+    lookup = {int(old): new for new, old in enumerate(order)}
+    return np.array([lookup[int(v)] for v in labels], dtype=np.int64)
+
+
+def _n_clusters(labels: np.ndarray) -> int:
+    return len(np.unique(labels[labels >= 0]))
+
+
+def _run_hdbscan(z: np.ndarray, cfg: dict, min_clusters: int) -> tuple[np.ndarray, int, int]:
+    """HDBSCAN, retried with a halved min_cluster_size while it gives fewer than min_clusters.
+
+    Returns the labels with the most clusters (earliest attempt on ties), the min_cluster_size that
+    gave them and the number of retries made.
+    """
+    mcs = min(cfg["min_cluster_size"], max(2, z.shape[0]))
+    best, best_mcs, retries = _hdbscan(z, cfg, mcs), mcs, 0
+    log.info("HDBSCAN min_cluster_size=%d: %d clusters", mcs, _n_clusters(best))
+    while _n_clusters(best) < min_clusters and retries < cfg["max_retries"] and mcs > 2:
+        mcs, retries = max(2, mcs // 2), retries + 1
+        labels = _hdbscan(z, cfg, mcs)
+        log.info("HDBSCAN retry %d min_cluster_size=%d: %d clusters", retries, mcs, _n_clusters(labels))
+        if _n_clusters(labels) > _n_clusters(best):
+            best, best_mcs = labels, mcs
+    return best, best_mcs, retries
+
+
+def cluster_embeddings(
+    emb: np.ndarray, cfg: dict, num_experts: int, seed: int
+) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Labels (int64, 0..K-1 by size), the summary fields saying how they were made, the reduced space."""
+    n = emb.shape[0]
+    if n < 2:
+        raise ClusteringError(f"clustering needs at least 2 embeddings, got {n}; sample more utterances.")
+    z, dim_used = reduce_embeddings(emb, cfg["reduce"], cfg["reduce_dim"], seed)
+    info: dict[str, Any] = {
+        "algorithm_used": cfg["algorithm"],
+        "fallback": None,
+        "noise_reassigned": 0,
+        "retries": 0,
+        "min_cluster_size_used": None,
+        "merged_clusters": 0,
+        "reduce": cfg["reduce"],
+        "reduce_dim_used": dim_used,
+        "num_experts_requested": num_experts,
+    }
+    if cfg["algorithm"] == "spectral":
+        labels = spectral(z, num_experts, seed)
+    else:
+        min_clusters = cfg["min_clusters"] if cfg["min_clusters"] is not None else num_experts
+        labels, info["min_cluster_size_used"], info["retries"] = _run_hdbscan(z, cfg, min_clusters)
+        found = _n_clusters(labels)
+        if found < num_experts and not cfg["reduce_experts"]:
+            raise ClusteringError(
+                f"HDBSCAN found {found} clusters after {info['retries']} retries, fewer than "
+                f"num_experts={num_experts}, and clustering.reduce_experts is false. Set reduce_experts: "
+                f"true, lower clustering.min_cluster_size, raise max_retries, or use algorithm: spectral."
+            )
+        if found < cfg["min_experts"]:
+            info["algorithm_used"] = "spectral"
+            info["fallback"] = (
+                f"HDBSCAN found {found} clusters after {info['retries']} retries (< min_experts="
+                f"{cfg['min_experts']}); used spectral with {min(num_experts, n)} clusters"
+            )
+            log.warning(info["fallback"])
+            labels = spectral(z, num_experts, seed)
+        else:
+            labels, info["noise_reassigned"] = reassign_noise(z, labels)
+    labels, info["merged_clusters"] = merge_smallest(z, labels, num_experts)
+    if _n_clusters(labels) < num_experts and not cfg["reduce_experts"]:
+        raise ClusteringError(
+            f"only {_n_clusters(labels)} clusters possible from {n} embeddings, fewer than num_experts="
+            f"{num_experts}, and clustering.reduce_experts is false; sample more utterances."
+        )
+    return relabel_by_size(labels), info, z
+
+
+def _silhouette(z: np.ndarray, labels: np.ndarray, k: int) -> float | None:
+    from sklearn.metrics import silhouette_score
+
+    return float(silhouette_score(z, labels)) if 2 <= k <= z.shape[0] - 1 else None
+
+
+def build_summary(labels: np.ndarray, info: dict, etiologies: list[str], reduced: np.ndarray) -> dict:
+    k = int(labels.max()) + 1
+    per_eti: dict[str, dict[str, int]] = {}
+    for eti, lab in zip(etiologies, labels.tolist(), strict=True):
+        per_eti.setdefault(eti, {}).setdefault(str(lab), 0)
+        per_eti[eti][str(lab)] += 1
+    summary = dict(info)
+    summary.update(
+        num_clusters=k,
+        sizes=np.bincount(labels, minlength=k).tolist(),
+        per_etiology={e: per_eti[e] for e in sorted(per_eti)},
+        silhouette=_silhouette(reduced, labels, k),
+    )
+    return summary
+
+
+def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    # Saving through a file object keeps np.save from appending ".npy" to the temp name.
+    with os.fdopen(fd, "wb") as f:
+        np.save(f, arr)
+    os.replace(tmp, path)
+
+
+def run_cluster(embeddings_dir: str, labels_out: str, summary_out: str, raw_settings: dict) -> dict:
+    cfg, num_experts, seed = resolve_settings(raw_settings)
+    emb, etiologies = load_embeddings(embeddings_dir)
+    labels, info, reduced = cluster_embeddings(emb, cfg, num_experts, seed)
+    summary = build_summary(labels, info, etiologies, reduced)
+    _save_npy_atomic(Path(labels_out), labels)
+    write_json_atomic(summary_out, summary)
+    log.info(
+        "%d clusters (%s), sizes %s", summary["num_clusters"], summary["algorithm_used"], summary["sizes"]
+    )
+    return summary
+
+
+def project_2d(emb: np.ndarray, method: str, seed: int) -> np.ndarray:
+    """2-D view of the standardised embeddings for the plot."""
+    from sklearn.decomposition import PCA
+    from sklearn.preprocessing import StandardScaler
+
+    x = StandardScaler().fit_transform(emb.astype(np.float64))
+    n = x.shape[0]
+    if method == "umap" and n >= 4:
+        return _umap(x, 2, seed)
+    if n < 3 or x.shape[1] < 2:  # PCA needs 2 components; pad a degenerate view with zeros
+        return np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
+    return PCA(n_components=2, random_state=seed).fit_transform(x)
+
+
+def run_plot(
+    embeddings_dir: str, labels_path: str, out: str, raw_settings: dict, summary_path: str | None = None
+) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+
+    cfg, _, seed = resolve_settings(raw_settings)
+    emb, etiologies = load_embeddings(embeddings_dir)
+    labels = np.load(labels_path)
+    if labels.shape != (emb.shape[0],):
+        raise ClusteringError(
+            f"{labels_path} has {labels.shape} labels for {emb.shape[0]} embeddings; rerun the cluster step."
+        )
+    algorithm = cfg["algorithm"]
+    if summary_path:
+        with open(summary_path) as f:
+            algorithm = json.load(f).get("algorithm_used", algorithm)
+    xy = project_2d(emb, cfg["plot_method"], seed)
+    k = int(labels.max()) + 1
+    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
+    markers = "os^Dv<>Ph*X"
+    etis = sorted(set(etiologies))
+    eti_arr = np.array(etiologies)
+    fig, ax = plt.subplots(figsize=(8, 6))
+    for i, eti in enumerate(etis):
+        sel = eti_arr == eti
+        ax.scatter(
+            xy[sel, 0],
+            xy[sel, 1],
+            c=[cmap(int(c) % cmap.N) for c in labels[sel]],
+            marker=markers[i % len(markers)],
+            s=28,
+            alpha=0.8,
+            edgecolors="none",
+        )
+    cluster_handles = [
+        Line2D([], [], marker="o", ls="", color=cmap(c % cmap.N), label=f"cluster {c}") for c in range(k)
+    ]
+    eti_handles = [
+        Line2D([], [], marker=markers[i % len(markers)], ls="", color="gray", label=eti)
+        for i, eti in enumerate(etis)
+    ]
+    first = ax.legend(handles=cluster_handles, title="cluster", loc="upper left", fontsize=7)
+    ax.add_artist(first)
+    ax.legend(handles=eti_handles, title="etiology", loc="upper right", fontsize=7)
+    ax.set_title(f"{k} clusters ({algorithm}), {cfg['plot_method'].upper()} projection, N={len(labels)}")
+    fig.tight_layout()
+    path = Path(out)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "wb") as f:
+        fig.savefig(f, format="png", dpi=120)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="python -m workflow_scripts.clustering", description=__doc__.split("\n")[0]
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    c = sub.add_parser("cluster", help="write cluster_labels.npy and clusters.json")
+    c.add_argument("--embeddings-dir", required=True)
+    c.add_argument("--labels-out", required=True)
+    c.add_argument("--summary-out", required=True)
+    c.add_argument("--settings", required=True, help="inline JSON or a JSON/YAML file")
+    p = sub.add_parser("plot", help="write a 2-D scatter of the clusters")
+    p.add_argument("--embeddings-dir", required=True)
+    p.add_argument("--labels", required=True)
+    p.add_argument("--out", required=True)
+    p.add_argument("--settings", required=True, help="inline JSON or a JSON/YAML file")
+    p.add_argument("--summary", default=None, help="clusters.json, for the algorithm actually used")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        raw = parse_settings_arg(args.settings)
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"error: --settings is neither inline JSON nor a readable JSON/YAML file: {e}\n")
+    try:
+        if args.command == "cluster":
+            run_cluster(args.embeddings_dir, args.labels_out, args.summary_out, raw)
+        else:
+            run_plot(args.embeddings_dir, args.labels, args.out, raw, args.summary)
+    except ClusteringError as e:
+        parser.exit(2, f"error: {e}\n")
+
+
+if __name__ == "__main__":
+    main()

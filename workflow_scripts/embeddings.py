@@ -1,0 +1,155 @@
+"""Stage 1: pooled Whisper encoder embeddings of the embedding sample.
+
+One float16 row per utterance (d_model values for mean pooling: 2.5 KiB for large-v2, instead of the
+7.3 MiB per-frame float32 arrays the research code stored). Pooling covers only the encoder frames
+that hold real audio, not the padded window. Partial results are saved every `checkpoint_every`
+utterances under --work-dir, so a crashed job resumes where it stopped.
+
+    python -m workflow_scripts.embeddings --utterances results/quick/data/embedding.json \
+        --base-model results/_models/tiny.en --out-dir results/quick/embeddings \
+        --work-dir results/quick/_work/embeddings --settings '{...}'
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from workflow_scripts.base_model import load_whisper
+from workflow_scripts.sap_data import Utterance, load_audio, read_utterances
+from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.whisper_io import input_features, pooled_embeddings
+
+log = logging.getLogger("embeddings")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+@torch.no_grad()
+def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, batch_size: int,
+                     device: torch.device, on_batch=None, start: int = 0) -> np.ndarray:
+    """Pooled encoder embeddings (float32, one row per utterance) from `start` on.
+
+    `on_batch(end, rows)` is called after each batch with the rows computed so far (for checkpoints).
+    """
+    rows: list[np.ndarray] = []
+    for begin in tqdm(range(start, len(utts), batch_size), desc="embeddings", mininterval=10):
+        batch = utts[begin:begin + batch_size]
+        audios = [load_audio(u.wav) for u in batch]
+        feats = input_features(processor, audios).to(device, model.dtype)
+        pooled = pooled_embeddings(model, feats, [len(a) for a in audios], pooling=pooling)
+        rows.append(pooled.float().cpu().numpy())
+        if on_batch is not None:
+            on_batch(begin + len(batch), rows)
+    dim = rows[0].shape[1] if rows else 0
+    return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+
+
+def _fingerprint(utts: list[Utterance], base_model: str, pooling: str, window: float) -> str:
+    """Identifies the job, so a partial result is reused only for the very same work."""
+    h = hashlib.sha256(json.dumps([base_model, pooling, window, [u.id for u in utts]]).encode())
+    return h.hexdigest()[:16]
+
+
+class PartialStore:
+    """Float16 rows of the utterances done so far, saved under the work dir every few hundred."""
+
+    def __init__(self, work_dir: Path, fingerprint: str, every: int):
+        self.dir = work_dir
+        self.fingerprint = fingerprint
+        self.every = every
+        self.last_saved = 0
+
+    def load(self) -> np.ndarray | None:
+        meta_path = self.dir / "progress.json"
+        if not meta_path.exists():
+            return None
+        meta = json.loads(meta_path.read_text())
+        if meta.get("fingerprint") != self.fingerprint:
+            log.info("partial embeddings in %s belong to other settings; starting over", self.dir)
+            return None
+        rows = np.load(self.dir / "partial.npy")
+        self.last_saved = len(rows)
+        log.info("resuming after %d utterances from %s", len(rows), self.dir)
+        return rows
+
+    def save(self, rows: np.ndarray) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        tmp = self.dir / "partial.tmp.npy"
+        np.save(tmp, rows.astype(np.float16))
+        os.replace(tmp, self.dir / "partial.npy")
+        write_json_atomic(self.dir / "progress.json", {"fingerprint": self.fingerprint, "done": len(rows)})
+        self.last_saved = len(rows)
+
+
+def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Path, settings: dict) -> int:
+    utts = read_utterances(utterances_path)
+    cfg = settings["embeddings"]
+    device = pick_device()
+    model, processor = load_whisper(base_model, encoder_window_s=settings["encoder_window_s"])
+    model.to(device).eval()
+
+    store = PartialStore(work_dir, _fingerprint(utts, base_model, cfg["pooling"], settings["encoder_window_s"]),
+                         cfg["checkpoint_every"])
+    done = store.load()
+    start = 0 if done is None else len(done)
+
+    def checkpoint(end: int, rows: list[np.ndarray]) -> None:
+        if end - store.last_saved >= store.every and end < len(utts):
+            new = np.concatenate(rows)
+            store.save(new if done is None else np.concatenate([done.astype(np.float32), new]))
+
+    new_rows = embed_utterances(model, processor, utts, pooling=cfg["pooling"], batch_size=cfg["batch_size"],
+                                device=device, on_batch=checkpoint, start=start)
+    parts = [done.astype(np.float32)] if done is not None else []
+    matrix = np.concatenate(parts + [new_rows]).astype(np.float16)
+    if not np.isfinite(matrix).all():
+        raise FloatingPointError("non-finite embedding values (float16 overflow?); check the base model")
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / "embeddings.tmp.npy"
+    np.save(tmp, matrix)
+    os.replace(tmp, out_dir / "embeddings.npy")
+    mapping = {
+        "base_model": base_model,
+        "pooling": cfg["pooling"],
+        "encoder_window_s": settings["encoder_window_s"],
+        "dim": int(matrix.shape[1]),
+        "dtype": "float16",
+        "utterances": {u.id: {"row": i, "etiology": u.etiology, "speaker": u.speaker}
+                       for i, u in enumerate(utts)},
+    }
+    write_json_atomic(out_dir / "mapping.json", mapping)
+    shutil.rmtree(work_dir, ignore_errors=True)
+    log.info("embedded %d utterances: %s float16 (%.1f KiB per utterance)", len(utts), matrix.shape,
+             matrix.shape[1] * 2 / 1024)
+    return len(utts)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--utterances", type=Path, required=True, help="JSON list written by the data stage")
+    parser.add_argument("--base-model", required=True, help="HF folder or hub id")
+    parser.add_argument("--out-dir", type=Path, required=True)
+    parser.add_argument("--work-dir", type=Path, required=True, help="partial results for resume")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(args.threads)
+    extract(args.utterances, args.base_model, args.out_dir, args.work_dir, parse_settings_arg(args.settings))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,372 @@
+"""Mixture of LoRA experts on a frozen Whisper, routed per utterance by a small gate.
+
+Why not PEFT multi-adapter: ``set_adapter`` freezes every other adapter (their gradients are
+silently dropped) and ``adapter_names=`` mixed batches are inference-only. Here every target
+Linear carries K LoRA pairs and a per-sample routing, so one backward pass reaches every routed
+expert and the gate. Experts stay interchangeable with real PEFT LoRA adapter folders.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import re
+import shutil
+import tempfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from peft import LoraConfig
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+DEFAULT_TARGETS = ("q_proj", "v_proj")
+WEIGHTINGS = ("prob", "straight_through")
+_GATE_FORMAT = "moe-gate-v1"
+
+
+class GateMLP(nn.Module):
+    """Utterance embedding -> expert logits. Inputs are standardised with stored training stats."""
+
+    def __init__(self, input_dim: int, num_experts: int, hidden_dim: int = 256, dropout: float = 0.1):
+        super().__init__()
+        self.config = {"input_dim": input_dim, "num_experts": num_experts,
+                       "hidden_dim": hidden_dim, "dropout": dropout}
+        self.register_buffer("mean", torch.zeros(input_dim))
+        self.register_buffer("std", torch.ones(input_dim))
+        self.net = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
+                                 nn.Linear(hidden_dim, num_experts))
+
+    @torch.no_grad()
+    def fit_standardization(self, embeddings: Tensor) -> None:
+        """Set mean/std from training embeddings (N, input_dim); std floored so constant dims stay finite."""
+        emb = self._check(embeddings)
+        self.mean.copy_(emb.mean(0))
+        self.std.copy_(emb.std(0, unbiased=False).clamp_min(1e-6))
+
+    def _check(self, x: Tensor) -> Tensor:
+        if x.dim() != 2 or x.shape[1] != self.config["input_dim"]:
+            raise ValueError(f"gate expects embeddings of shape (batch, {self.config['input_dim']}), "
+                             f"got {tuple(x.shape)}; use the pooling the gate was trained with")
+        return x.to(self.mean.dtype)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net((self._check(x) - self.mean) / self.std)
+
+
+def _atomic_path(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    os.close(fd)
+    return Path(tmp)
+
+
+def save_gate(gate: GateMLP, path: str | os.PathLike, extra: dict | None = None) -> None:
+    """One torch file with config + weights + ``extra`` (plain Python/tensor values only)."""
+    path = Path(path)
+    tmp = _atomic_path(path)
+    try:
+        torch.save({"format": _GATE_FORMAT, "config": gate.config, "state_dict": gate.state_dict(),
+                    "extra": extra or {}}, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_gate_file(path: str | os.PathLike) -> tuple[GateMLP, dict]:
+    """Load a gate saved by :func:`save_gate`; returns (gate, extra)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"gate file {path} does not exist; train the gate first")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises several types for corrupt/foreign pickles
+        raise ValueError(f"{path} is not a readable gate file ({err}); re-run the gate training") from err
+    if not isinstance(blob, dict) or blob.get("format") != _GATE_FORMAT:
+        raise ValueError(f"{path} is not a gate file written by save_gate (format {_GATE_FORMAT})")
+    gate = GateMLP(**blob["config"])
+    gate.load_state_dict(blob["state_dict"])
+    return gate, blob["extra"]
+
+
+def load_gate(path: str | os.PathLike) -> GateMLP:
+    return read_gate_file(path)[0]
+
+
+class RoutedLoRALinear(nn.Module):
+    """Frozen Linear + K LoRA pairs; each sample only passes through the expert(s) it is routed to."""
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float):
+        super().__init__()
+        self.base_layer = base_layer
+        self.r, self.scaling = r, alpha / r
+        dev = base_layer.weight.device
+        # float32 adapters (as PEFT does by default) so a half-precision base still trains stably
+        self.lora_A = nn.ParameterList(
+            [nn.Parameter(torch.empty(r, base_layer.in_features, device=dev)) for _ in range(num_experts)])
+        self.lora_B = nn.ParameterList(
+            [nn.Parameter(torch.zeros(base_layer.out_features, r, device=dev)) for _ in range(num_experts)])
+        for a in self.lora_A:
+            nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT/loralib init; B stays zero
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self._routing: tuple[Tensor, Tensor] | None = None
+
+    def set_routing(self, expert_idx: Tensor | None, weights: Tensor | None = None) -> None:
+        """expert_idx/weights: (B,) or (B, top_k). None disables the LoRA path (plain base layer)."""
+        if expert_idx is None:
+            self._routing = None
+            return
+        idx = expert_idx.reshape(expert_idx.shape[0], -1)
+        w = torch.ones(idx.shape, device=idx.device) if weights is None else weights.reshape(idx.shape)
+        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self.lora_A)):
+            raise ValueError(f"expert index out of range 0..{len(self.lora_A) - 1}: {idx.tolist()}")
+        self._routing = (idx, w)
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.base_layer(x)
+        if self._routing is None:
+            return out
+        idx, w = (t.to(x.device) for t in self._routing)
+        n = x.shape[0]
+        if idx.shape[0] != n:
+            # beam search / num_return_sequences expand the batch with repeat_interleave
+            if n % idx.shape[0]:
+                raise ValueError(f"routing set for batch {idx.shape[0]} but layer got batch {n}")
+            idx, w = idx.repeat_interleave(n // idx.shape[0], 0), w.repeat_interleave(n // idx.shape[0], 0)
+        bcast = (-1,) + (1,) * (x.dim() - 1)
+        for k in torch.unique(idx).tolist():
+            hit = idx == k
+            rows = hit.any(1).nonzero().squeeze(1)
+            wk = (w * hit).sum(1).index_select(0, rows)
+            a, b = self.lora_A[k], self.lora_B[k]
+            xs = x if rows.numel() == n else x.index_select(0, rows)
+            h = F.linear(F.linear(self.dropout(xs.to(a.dtype)), a), b) * (self.scaling * wk).view(bcast)
+            # out-of-place index_add keeps autograd to every routed expert's A/B (and to wk -> gate)
+            out = out + h.to(out.dtype) if rows.numel() == n else out.index_add(0, rows, h.to(out.dtype))
+        return out
+
+
+class Routing(NamedTuple):
+    expert_idx: Tensor  # (B,) for top-1, else (B, top_k)
+    weights: Tensor  # same shape; carries the gate's gradient
+    probs: Tensor  # (B, K)
+    logits: Tensor  # (B, K)
+
+
+def load_balance_loss(probs: Tensor, expert_idx: Tensor) -> Tensor:
+    """Switch Transformer aux loss K * sum_k f_k * P_k; 1.0 when balanced, K when fully collapsed."""
+    k = probs.shape[1]
+    counts = torch.bincount(expert_idx.reshape(-1), minlength=k).to(probs.dtype)
+    return k * torch.sum(counts / counts.sum() * probs.mean(0))
+
+
+def _matches(name: str, targets: str | Sequence[str]) -> bool:
+    # same semantics as PEFT's target_modules: a str is a full regex, a list matches name suffixes
+    if isinstance(targets, str):
+        return re.fullmatch(targets, name) is not None
+    return any(name == t or name.endswith("." + t) for t in targets)
+
+
+@contextlib.contextmanager
+def _atomic_dir(out_dir: Path) -> Iterator[Path]:
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o755)
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        if out_dir.exists():
+            os.replace(out_dir, old)
+        os.replace(tmp, out_dir)
+        shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+class MoEWhisper(nn.Module):
+    """Frozen WhisperForConditionalGeneration + K routed LoRA experts + gate. Injects into base in place."""
+
+    def __init__(self, base_model: nn.Module, num_experts: int, r: int = 8, alpha: float = 16,
+                 dropout: float = 0.05, target_modules: str | Sequence[str] = DEFAULT_TARGETS,
+                 gate: GateMLP | None = None, weighting: str = "prob"):
+        super().__init__()
+        if weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        if gate is not None and gate.config["num_experts"] != num_experts:
+            raise ValueError(f"gate has {gate.config['num_experts']} outputs but MoE has {num_experts} experts")
+        targets = target_modules if isinstance(target_modules, str) else list(target_modules)
+        self.config = {"num_experts": num_experts, "r": r, "alpha": alpha, "dropout": dropout,
+                       "target_modules": targets, "weighting": weighting}
+        self.base = base_model
+        self.base.requires_grad_(False)
+        # plain dict: the layers are already registered as submodules of base
+        self.layers: dict[str, RoutedLoRALinear] = {}
+        for name, module in list(base_model.named_modules()):
+            if not name or not _matches(name, targets):
+                continue
+            if not isinstance(module, nn.Linear):
+                raise ValueError(f"target module {name} is a {type(module).__name__}, only nn.Linear is supported")
+            parent_name, _, child = name.rpartition(".")
+            layer = RoutedLoRALinear(module, num_experts, r, alpha, dropout)
+            setattr(base_model.get_submodule(parent_name), child, layer)
+            self.layers[name] = layer
+        if not self.layers:
+            raise ValueError(f"target_modules {targets!r} matched no module of the base model")
+        self.gate = gate
+
+    @property
+    def num_experts(self) -> int:
+        return self.config["num_experts"]
+
+    def expert_parameters(self, k: int) -> list[nn.Parameter]:
+        return [p for layer in self.layers.values() for p in (layer.lora_A[k], layer.lora_B[k])]
+
+    def route(self, embeddings: Tensor, top_k: int = 1) -> Routing:
+        """Pick top_k experts per sample. Weights are the gate's (unrenormalised) probabilities, so the
+        task loss reaches the gate; "straight_through" weighting has value 1 but the same gradient path."""
+        if self.gate is None:
+            raise ValueError("this MoE has no gate; pass expert_idx explicitly or build it with gate=GateMLP(...)")
+        logits = self.gate(embeddings)
+        probs = logits.softmax(-1)
+        top_p, idx = probs.topk(top_k, dim=-1)
+        weights = top_p / top_p.detach() if self.config["weighting"] == "straight_through" else top_p
+        if top_k == 1:
+            idx, weights = idx.squeeze(1), weights.squeeze(1)
+        return Routing(idx, weights, probs, logits)
+
+    @contextlib.contextmanager
+    def routing(self, expert_idx: Tensor | Sequence[int], weights: Tensor | None = None) -> Iterator[None]:
+        """Route the batch inside the block (forward or base.generate); LoRA path off again afterwards."""
+        idx = torch.as_tensor(expert_idx, dtype=torch.long)
+        for layer in self.layers.values():
+            layer.set_routing(idx, weights)
+        try:
+            yield
+        finally:
+            for layer in self.layers.values():
+                layer.set_routing(None)
+
+    def _resolve(self, gate_inputs: Tensor | None, expert_idx: Tensor | None,
+                 top_k: int) -> tuple[Tensor, Tensor | None, Routing | None]:
+        if expert_idx is not None:  # forced routing (per-expert training/eval): full-strength experts
+            return torch.as_tensor(expert_idx, dtype=torch.long), None, None
+        if gate_inputs is None:
+            raise ValueError("give gate_inputs (utterance embeddings) or expert_idx to route the batch")
+        r = self.route(gate_inputs, top_k)
+        return r.expert_idx, r.weights, r
+
+    def forward(self, input_features: Tensor, labels: Tensor, gate_inputs: Tensor | None = None, *,
+                cluster_labels: Tensor | None = None, expert_idx: Tensor | None = None, top_k: int = 1,
+                balance_coef: float = 0.01, gate_loss_coef: float = 1.0) -> dict[str, Tensor | None]:
+        """loss = task + balance_coef * load-balance + gate_loss_coef * CE(gate, cluster_labels)."""
+        idx, weights, routed = self._resolve(gate_inputs, expert_idx, top_k)
+        zero = torch.zeros((), device=input_features.device)
+        balance = load_balance_loss(routed.probs, idx) if routed is not None else zero
+        gate_loss = zero
+        if cluster_labels is not None:
+            if gate_inputs is None:
+                raise ValueError("cluster_labels need gate_inputs to train the gate on")
+            logits = routed.logits if routed is not None else self.gate(gate_inputs)
+            gate_loss = F.cross_entropy(logits, cluster_labels.to(logits.device))
+        with self.routing(idx, weights):
+            task = self.base(input_features=input_features, labels=labels).loss
+        return {"loss": task + balance_coef * balance + gate_loss_coef * gate_loss, "task_loss": task,
+                "balance_loss": balance, "gate_loss": gate_loss, "expert_idx": idx,
+                "probs": routed.probs if routed is not None else None}
+
+    @torch.no_grad()
+    def generate(self, input_features: Tensor, gate_inputs: Tensor | None = None,
+                 expert_idx: Tensor | None = None, **generate_kwargs) -> Tensor:
+        """base.generate with each sample routed to its expert (gate top-1 unless expert_idx given)."""
+        idx, weights, _ = self._resolve(gate_inputs, expert_idx, 1)
+        with self.routing(idx, weights):
+            return self.base.generate(input_features, **generate_kwargs)
+
+    # --- PEFT interop -------------------------------------------------------------------------
+    def _lora_config(self) -> LoraConfig:
+        c = self.config
+        return LoraConfig(r=c["r"], lora_alpha=c["alpha"], lora_dropout=c["dropout"],
+                          target_modules=c["target_modules"], bias="none",
+                          base_model_name_or_path=getattr(self.base.config, "_name_or_path", None) or None)
+
+    def _check_expert(self, k: int) -> None:
+        if not 0 <= k < self.num_experts:
+            raise ValueError(f"expert {k} out of range 0..{self.num_experts - 1}")
+
+    @torch.no_grad()
+    def load_expert_adapter(self, k: int, peft_dir: str | os.PathLike) -> None:
+        """Copy a PEFT LoRA adapter folder (same r, alpha, target modules) into expert k."""
+        self._check_expert(k)
+        peft_dir = Path(peft_dir)
+        cfg_path, w_path = peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"
+        for p in (cfg_path, w_path):
+            if not p.is_file():
+                raise FileNotFoundError(f"{p} missing: {peft_dir} is not a PEFT adapter folder")
+        cfg = json.loads(cfg_path.read_text())
+        want = {"peft_type": "LORA", "r": self.config["r"], "lora_alpha": self.config["alpha"],
+                "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+        for key, value in want.items():
+            if cfg.get(key, value) != value:
+                raise ValueError(f"{cfg_path}: {key}={cfg.get(key)!r} but this MoE needs {key}={value!r}; "
+                                 "train the adapter with the MoE's LoRA settings or build the MoE to match")
+        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
+            raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern are not supported by the MoE")
+        tensors = load_file(w_path)
+        expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in self.layers for ab in "AB"}
+        missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
+        if missing or unexpected:
+            raise ValueError(
+                f"{w_path} targets other modules than this MoE (MoE target_modules="
+                f"{self.config['target_modules']!r}, adapter target_modules={cfg.get('target_modules')!r}); "
+                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
+                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
+        for name, layer in self.layers.items():
+            for ab, params in (("A", layer.lora_A), ("B", layer.lora_B)):
+                src = tensors[f"base_model.model.{name}.lora_{ab}.weight"]
+                if src.shape != params[k].shape:
+                    raise ValueError(f"{w_path}: {name}.lora_{ab} has shape {tuple(src.shape)}, "
+                                     f"expected {tuple(params[k].shape)}")
+                params[k].copy_(src)
+
+    def save_expert_adapter(self, k: int, out_dir: str | os.PathLike) -> None:
+        """Write expert k as a PEFT LoRA folder that PeftModel.from_pretrained(base, out_dir) loads."""
+        self._check_expert(k)
+        tensors = {f"base_model.model.{name}.lora_{ab}.weight": params[k].detach().cpu().contiguous()
+                   for name, layer in self.layers.items()
+                   for ab, params in (("A", layer.lora_A), ("B", layer.lora_B))}
+        with _atomic_dir(Path(out_dir)) as tmp:
+            self._lora_config().save_pretrained(tmp)
+            save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
+
+    def save(self, out_dir: str | os.PathLike) -> None:
+        """expert_<k>/ PEFT folders + gate.pt (if any) + moe_config.json, written atomically."""
+        with _atomic_dir(Path(out_dir)) as tmp:
+            for k in range(self.num_experts):
+                self.save_expert_adapter(k, tmp / f"expert_{k}")
+            if self.gate is not None:
+                save_gate(self.gate, tmp / "gate.pt")
+            (tmp / "moe_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
+
+    @classmethod
+    def from_pretrained(cls, moe_dir: str | os.PathLike, base_model: nn.Module | str | os.PathLike) -> MoEWhisper:
+        """Restore a saved MoE onto base_model (a loaded Whisper model, or a folder/hub id to load)."""
+        moe_dir = Path(moe_dir)
+        cfg_path = moe_dir / "moe_config.json"
+        if not cfg_path.is_file():
+            raise FileNotFoundError(f"{cfg_path} missing: {moe_dir} is not a folder written by MoEWhisper.save")
+        cfg = json.loads(cfg_path.read_text())
+        if not isinstance(base_model, nn.Module):
+            from transformers import WhisperForConditionalGeneration
+
+            base_model = WhisperForConditionalGeneration.from_pretrained(base_model)
+        gate_path = moe_dir / "gate.pt"
+        gate = load_gate(gate_path) if gate_path.exists() else None
+        moe = cls(base_model, gate=gate, **cfg)
+        for k in range(moe.num_experts):
+            moe.load_expert_adapter(k, moe_dir / f"expert_{k}")
+        return moe

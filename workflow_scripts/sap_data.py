@@ -1,0 +1,299 @@
+"""Read Speech Accessibility Project (SAP) speaker manifests into utterance records.
+
+Layout (DESIGN.md §2)::
+
+    <root>/<Split>/<ContributorID>/<ContributorID>.json
+    <root>/<Split>/<ContributorID>/<ContributorID>_<n1>_<n2>_16kHz.wav
+
+Each manifest has top-level ``"Contributor ID"``, ``"Etiology"`` and ``"Files"`` (a list of
+``{"Filename", "Prompt": {"Transcript", "Category Description", ...}, ...}``). Other keys are ignored
+because real releases add survey fields over time.
+
+Bad input never disappears silently. Problems with the layout itself (a missing or empty split
+folder, nothing usable at all) raise :class:`DataError`; problems with single manifests or files are
+skipped and counted in a :class:`DataReport` under one of :data:`SKIP_REASONS`. Manifest-level
+reasons (``missing_manifest``, ``malformed_manifest``, ``manifest_missing_keys``,
+``unknown_etiology``) count manifests; the others count utterances. Audio that is not 16 kHz mono is
+kept and counted as ``resampled`` / ``downmixed``; :func:`load_audio` converts it when it is read.
+
+Durations come from the WAV header (``soundfile.info``) so reading ~320k Train utterances does not
+decode any audio.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import soundfile as sf
+from scipy.signal import resample_poly
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = 16000
+ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
+MANIFEST_KEYS = ("Contributor ID", "Etiology", "Files")
+SKIP_REASONS = (
+    "missing_manifest",
+    "malformed_manifest",
+    "manifest_missing_keys",
+    "unknown_etiology",
+    "file_entry_missing_keys",
+    "duplicate_id",
+    "empty_transcript",
+    "missing_wav",
+    "unreadable_wav",
+    "too_long",
+)
+CONVERSIONS = ("resampled", "downmixed")
+MAX_EXAMPLES = 5
+
+
+class DataError(ValueError):
+    """Input data cannot be used; the message names the file or folder and what to do."""
+
+
+@dataclass(frozen=True)
+class Utterance:
+    id: str  # wav filename stem, unique across the corpus
+    speaker: str  # "Contributor ID"
+    etiology: str
+    wav: str  # absolute path
+    transcript: str  # raw Prompt.Transcript, SAP markup kept (scoring needs it)
+    category: str  # Prompt "Category Description" ("" if absent)
+    split: str
+    duration_s: float
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Utterance:
+        missing = [f.name for f in fields(cls) if f.name not in d]
+        if missing:
+            raise DataError(f"utterance record {d!r} lacks keys {missing}; regenerate it with read_split")
+        kwargs = {f.name: d[f.name] for f in fields(cls)}
+        kwargs["duration_s"] = float(kwargs["duration_s"])
+        return cls(**kwargs)
+
+
+def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
+    # A killed job must never leave a half-written file that a rerun would take as complete.
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def write_utterances(path: str | os.PathLike, utts: list[Utterance]) -> None:
+    """Write utterances as a JSON list of dicts (atomic)."""
+    _atomic_write_text(path, json.dumps([u.to_dict() for u in utts], indent=1, ensure_ascii=False) + "\n")
+
+
+def read_utterances(path: str | os.PathLike) -> list[Utterance]:
+    """Read a list written by :func:`write_utterances`."""
+    try:
+        records = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError) as e:
+        raise DataError(f"cannot read utterance list {path}: {e}; rerun the stage that writes it") from e
+    if not isinstance(records, list):
+        raise DataError(f"{path} must hold a JSON list of utterance records; rerun the stage that writes it")
+    return [Utterance.from_dict(r) for r in records]
+
+
+class DataReport:
+    """Counts of kept, skipped and converted utterances per split (written as data_report.json).
+
+    Every skip reason and conversion kind is always listed (count 0 if none), so a reader sees
+    which checks ran.
+    """
+
+    def __init__(self) -> None:
+        self._splits: dict[str, dict[str, Any]] = {}
+
+    def _split(self, split: str) -> dict[str, Any]:
+        if split not in self._splits:
+            self._splits[split] = {
+                "kept": {},
+                "skipped": {r: {"count": 0, "examples": []} for r in SKIP_REASONS},
+                "converted": {c: {"count": 0, "examples": []} for c in CONVERSIONS},
+            }
+        return self._splits[split]
+
+    def keep(self, split: str, etiology: str) -> None:
+        kept = self._split(split)["kept"]
+        kept[etiology] = kept.get(etiology, 0) + 1
+
+    @staticmethod
+    def _count(entry: dict[str, Any], path: str) -> bool:
+        entry["count"] += 1
+        if len(entry["examples"]) < MAX_EXAMPLES:
+            entry["examples"].append(path)
+            return True
+        return False
+
+    def skip(self, split: str, reason: str, path: str | os.PathLike, detail: str = "") -> None:
+        if reason not in SKIP_REASONS:
+            raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        # Log only the first few per reason: a broken release could otherwise flood the job log.
+        if self._count(self._split(split)["skipped"][reason], str(path)):
+            log.warning("%s: skipped %s (%s)%s", split, path, reason, f": {detail}" if detail else "")
+
+    def convert(self, split: str, kind: str, path: str | os.PathLike) -> None:
+        if kind not in CONVERSIONS:
+            raise ValueError(f"unknown conversion {kind!r}; expected one of {CONVERSIONS}")
+        self._count(self._split(split)["converted"][kind], str(path))
+
+    def kept_total(self, split: str) -> int:
+        return sum(self._split(split)["kept"].values())
+
+    def to_dict(self) -> dict[str, Any]:
+        return json.loads(json.dumps(self._splits))  # deep copy; callers cannot mutate the report
+
+    def write(self, path: str | os.PathLike) -> None:
+        _atomic_write_text(path, json.dumps(self._splits, indent=2, ensure_ascii=False) + "\n")
+
+
+def _split_dir(root: Path, split: str) -> Path:
+    split_dir = root / split
+    if split_dir.is_dir():
+        return split_dir
+    if not root.is_dir():
+        raise DataError(f"dataset root {root} does not exist; set dataset_root to the folder with Train/Dev")
+    existing = sorted(p.name for p in root.iterdir() if p.is_dir())
+    raise DataError(
+        f"split folder {split_dir} does not exist (splits found under {root}: {existing or 'none'}); "
+        "fix the split name or dataset_root"
+    )
+
+
+def _load_manifest(manifest: Path, split: str, report: DataReport) -> dict[str, Any] | None:
+    if not manifest.is_file():
+        report.skip(split, "missing_manifest", manifest, f"expected {manifest.name} in the speaker folder")
+        return None
+    try:
+        data = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        report.skip(split, "malformed_manifest", manifest, str(e))
+        return None
+    if not isinstance(data, dict):
+        report.skip(split, "malformed_manifest", manifest, "top level is not a JSON object")
+        return None
+    missing = [k for k in MANIFEST_KEYS if k not in data]
+    if missing or not isinstance(data["Files"], list):
+        report.skip(split, "manifest_missing_keys", manifest, f"missing {missing or ['Files (list)']}")
+        return None
+    return data
+
+
+def _entry_fields(entry: Any) -> tuple[str, str, str] | None:
+    """(Filename, Transcript, Category Description) of a Files entry, None if a required key lacks."""
+    if not isinstance(entry, dict) or not isinstance(entry.get("Filename"), str) or not entry["Filename"]:
+        return None
+    prompt = entry.get("Prompt")
+    if not isinstance(prompt, dict) or not isinstance(prompt.get("Transcript"), str):
+        return None
+    category = prompt.get("Category Description")
+    return entry["Filename"], prompt["Transcript"], category if isinstance(category, str) else ""
+
+
+def read_split(
+    root: str | os.PathLike,
+    split: str,
+    report: DataReport,
+    *,
+    etiologies: tuple[str, ...] | list[str] = ETIOLOGIES,
+    max_duration_s: float = 30.0,
+) -> list[Utterance]:
+    """Read every usable utterance of ``<root>/<split>``, sorted by id; count the rest in ``report``.
+
+    ``max_duration_s`` should be the Whisper encoder window: longer clips are skipped (``too_long``)
+    rather than silently truncated.
+    """
+    root = Path(root).resolve()
+    split_dir = _split_dir(root, split)
+    speaker_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
+    if not speaker_dirs:
+        raise DataError(
+            f"split folder {split_dir} holds no speaker folders; expected <Speaker>/<Speaker>.json inside"
+        )
+    allowed = set(etiologies)
+    seen: set[str] = set()
+    utts: list[Utterance] = []
+    for speaker_dir in speaker_dirs:
+        manifest = speaker_dir / f"{speaker_dir.name}.json"
+        data = _load_manifest(manifest, split, report)
+        if data is None:
+            continue
+        etiology = str(data["Etiology"]).strip()
+        if etiology not in allowed:
+            report.skip(split, "unknown_etiology", manifest, f"{etiology!r} not in {sorted(allowed)}")
+            continue
+        speaker = str(data["Contributor ID"])
+        for i, entry in enumerate(data["Files"]):
+            parsed = _entry_fields(entry)
+            if parsed is None:
+                report.skip(split, "file_entry_missing_keys", f"{manifest}#Files[{i}]",
+                            "needs Filename and Prompt.Transcript")
+                continue
+            filename, transcript, category = parsed
+            wav = speaker_dir / filename
+            uid = Path(filename).stem
+            if uid in seen:
+                report.skip(split, "duplicate_id", wav, f"utterance id {uid} already read")
+                continue
+            if not transcript.strip():
+                report.skip(split, "empty_transcript", wav)
+                continue
+            if not wav.is_file():
+                report.skip(split, "missing_wav", wav)
+                continue
+            try:
+                info = sf.info(str(wav))  # header only: no decoding at read time
+            except (RuntimeError, OSError) as e:  # libsndfile errors subclass RuntimeError
+                report.skip(split, "unreadable_wav", wav, str(e))
+                continue
+            if info.frames <= 0 or info.samplerate <= 0:
+                report.skip(split, "unreadable_wav", wav, "no audio frames")
+                continue
+            duration = info.frames / info.samplerate
+            if duration > max_duration_s:
+                report.skip(split, "too_long", wav, f"{duration:.1f} s > {max_duration_s} s")
+                continue
+            if info.samplerate != SAMPLE_RATE:
+                report.convert(split, "resampled", wav)
+            if info.channels > 1:
+                report.convert(split, "downmixed", wav)
+            seen.add(uid)
+            report.keep(split, etiology)
+            utts.append(Utterance(uid, speaker, etiology, str(wav), transcript, category, split, duration))
+    if not utts:
+        skipped = {r: v["count"] for r, v in report.to_dict()[split]["skipped"].items() if v["count"]}
+        raise DataError(
+            f"no usable utterances in {split_dir} (skipped per reason: {skipped or 'none'}); "
+            "see the examples in the data report and fix those manifests or files"
+        )
+    return sorted(utts, key=lambda u: u.id)
+
+
+def load_audio(path: str | os.PathLike) -> np.ndarray:
+    """Decode a WAV as float32 mono at 16 kHz (mean downmix, polyphase resampling)."""
+    try:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (RuntimeError, OSError) as e:
+        raise DataError(f"cannot decode audio {path}: {e}; replace or remove the file") from e
+    audio = audio.mean(axis=1)
+    if rate != SAMPLE_RATE:
+        g = math.gcd(SAMPLE_RATE, rate)
+        audio = resample_poly(audio, SAMPLE_RATE // g, rate // g)
+    return np.ascontiguousarray(audio, dtype=np.float32)

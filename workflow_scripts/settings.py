@@ -1,0 +1,126 @@
+"""Run settings: schema defaults < hardware file < run entry, validated against config/schema.yaml.
+
+The Snakefile and every stage CLI resolve settings through this module, so a stage run by hand
+(`python -m workflow_scripts.<stage> --settings ...`) sees the same defaults as one run by Snakemake.
+Stages receive only the sections they use (see `stage_settings`), so changing, say, an eval batch
+size does not make Snakemake rerun the embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import yaml
+
+SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
+
+# Keys of a run that every stage may read; sections are added per stage.
+COMMON_KEYS = ("base_model", "seed", "encoder_window_s", "num_experts", "skip_pretraining", "etiologies")
+
+
+class SettingsError(ValueError):
+    """A config problem, worded for the person who edits the config file."""
+
+
+def load_schema() -> dict:
+    with open(SCHEMA_PATH) as f:
+        return yaml.safe_load(f)
+
+
+def _run_defaults(schema: dict) -> dict:
+    """Defaults of every run key, sections expanded to their own property defaults."""
+    out: dict[str, Any] = {}
+    for key, spec in schema["$defs"]["run"]["properties"].items():
+        if spec.get("type") == "object" and "properties" in spec:
+            out[key] = {k: copy.deepcopy(v.get("default")) for k, v in spec["properties"].items()}
+        else:
+            out[key] = copy.deepcopy(spec.get("default"))
+    return out
+
+
+def _merge(base: dict, override: dict) -> dict:
+    merged = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(merged.get(key), dict):
+            merged[key] = _merge(merged[key], value)
+        else:
+            merged[key] = copy.deepcopy(value)
+    return merged
+
+
+def _validate_run(entry: dict, schema: dict, where: str) -> None:
+    run_schema = dict(schema["$defs"]["run"])
+    run_schema["$defs"] = schema["$defs"]
+    errors = sorted(jsonschema.Draft202012Validator(run_schema).iter_errors(entry), key=str)
+    if errors:
+        err = errors[0]
+        path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
+        raise SettingsError(f"{where}: key {path}: {err.message}. See config/schema.yaml for allowed values.")
+
+
+def load_hardware(path: str) -> dict:
+    """The profile's hardware file: a partial run entry applied to every run."""
+    if not path:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise SettingsError(f"hardware file {path} does not exist (set by a profile's `config: [hardware=...]`).")
+    with open(p) as f:
+        data = yaml.safe_load(f) or {}
+    return data
+
+
+def resolve_run(config: dict, run: str) -> dict:
+    """Full settings of one run: every key present, validated, data percentages scaled."""
+    schema = load_schema()
+    runs = config.get("runs") or {}
+    if run not in runs:
+        known = ", ".join(sorted(runs)) or "none"
+        raise SettingsError(
+            f"run '{run}' is not in config `runs` (known: {known}); add it to config/config.yaml "
+            f"or a file passed with --configfile."
+        )
+    hardware = load_hardware(config.get("hardware", ""))
+    _validate_run(hardware, schema, f"hardware file {config.get('hardware')}")
+    entry = runs[run] or {}
+    _validate_run(entry, schema, f"config runs.{run}")
+    settings = _merge(_merge(_run_defaults(schema), hardware), entry)
+    settings["name"] = run
+    data = settings["data"]
+    scale = (data["data_percent"] or 100.0) / 100.0
+    for key in ("embedding_percent", "expert_percent", "asr_percent"):
+        data[key] = data[key] * scale
+    return settings
+
+
+def stage_settings(settings: dict, *sections: str) -> dict:
+    """The common keys plus the named sections: what one stage reads."""
+    out = {key: settings[key] for key in COMMON_KEYS}
+    for section in sections:
+        out[section] = settings[section]
+    return out
+
+
+def parse_settings_arg(value: str) -> dict:
+    """--settings takes inline JSON or the path of a JSON/YAML file."""
+    if value.lstrip().startswith("{"):
+        return json.loads(value)
+    with open(value) as f:
+        return yaml.safe_load(f)
+
+
+def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON next to its final name, then rename, so a crash never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)

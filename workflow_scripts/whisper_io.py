@@ -1,0 +1,131 @@
+"""Whisper input/output helpers shared by every stage: features, pooled embeddings, labels, decoding.
+
+The encoder window is a model property (`config.max_source_positions`, 50 positions per second),
+set once by `base_model.load_whisper(..., encoder_window_s)`; nothing here assumes 30 s / 3000 frames.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+SAMPLE_RATE = 16000
+SAMPLES_PER_ENCODER_FRAME = 320  # mel hop 160 samples, then the stride-2 conv2
+# Greedy decoding can loop ("blah blah ..."); bound new tokens by duration. English speech is
+# ~3-4 BPE tokens/s even when fast; 6/s plus a margin never cuts a real transcript short.
+TOKENS_PER_SECOND = 6
+TOKEN_MARGIN = 10
+MULTILINGUAL_MIN_VOCAB = 51865
+
+
+def window_seconds(model: WhisperForConditionalGeneration) -> float:
+    """Audio seconds the encoder takes (30 for stock Whisper, less after a shortened window)."""
+    return model.config.max_source_positions * SAMPLES_PER_ENCODER_FRAME / SAMPLE_RATE
+
+
+def input_features(processor: WhisperProcessor, audios: Sequence[np.ndarray]) -> torch.Tensor:
+    """Log-mel features (B, n_mels, frames), zero-padded to the processor's window.
+
+    Clips longer than the window raise: callers skip and count them, never silently truncate.
+    """
+    extractor = processor.feature_extractor
+    for i, audio in enumerate(audios):
+        if len(audio) > extractor.n_samples:
+            raise ValueError(f"audio #{i} lasts {len(audio) / SAMPLE_RATE:.2f} s, longer than the "
+                             f"{extractor.n_samples / SAMPLE_RATE:g} s encoder window; skip such clips "
+                             "upstream or raise encoder_window_s")
+    feats = extractor([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLE_RATE,
+                      padding="max_length", return_tensors="pt").input_features
+    return feats
+
+
+def encoder_frames(num_samples: int) -> int:
+    """Number of encoder output frames that cover `num_samples` of real audio (at least 1)."""
+    return max(1, math.ceil(num_samples / SAMPLES_PER_ENCODER_FRAME))
+
+
+def pooled_embeddings(model: WhisperForConditionalGeneration, features: torch.Tensor,
+                      num_samples: Sequence[int], pooling: str = "mean") -> torch.Tensor:
+    """Utterance embeddings (B, d) or (B, 2d) from the encoder's last layer.
+
+    Only frames covering real audio are pooled: the padded tail is silence, and averaging it in
+    would make every short clip look alike. Run under torch.no_grad() when extracting.
+    """
+    if pooling not in ("mean", "mean_std"):
+        raise ValueError(f"pooling={pooling!r}: use 'mean' or 'mean_std'")
+    encoder = model.get_encoder()
+    param = next(encoder.parameters())
+    hidden = encoder(features.to(param.device, param.dtype)).last_hidden_state  # (B, T, d)
+    frames = torch.tensor([min(encoder_frames(n), hidden.shape[1]) for n in num_samples],
+                          device=hidden.device)
+    mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None])
+    mask = mask.unsqueeze(-1).to(hidden.dtype)
+    count = frames[:, None].to(hidden.dtype)
+    mean = (hidden * mask).sum(dim=1) / count
+    if pooling == "mean":
+        return mean
+    var = (((hidden - mean[:, None, :]) ** 2) * mask).sum(dim=1) / count
+    return torch.cat([mean, var.clamp_min(0).sqrt()], dim=-1)
+
+
+def _is_multilingual(vocab_size: int) -> bool:
+    return vocab_size >= MULTILINGUAL_MIN_VOCAB
+
+
+def prefix_token_ids(processor: WhisperProcessor) -> list[int]:
+    """Decoder prompt after <|startoftranscript|>: [<|en|>, <|transcribe|>,] <|notimestamps|>."""
+    tok = processor.tokenizer
+    names = ["<|en|>", "<|transcribe|>"] if _is_multilingual(len(tok)) else []
+    return tok.convert_tokens_to_ids([*names, "<|notimestamps|>"])
+
+
+def label_ids(processor: WhisperProcessor, texts: Sequence[str]) -> torch.Tensor:
+    """Training labels (B, L): prefix tokens, " text", <|endoftext|>, padded with -100.
+
+    No leading <|startoftranscript|>: the model's shift-right inserts the decoder start token, a
+    second one would be learned otherwise. The leading space matches how Whisper writes text.
+    """
+    tok = processor.tokenizer
+    prefix = prefix_token_ids(processor)
+    rows = [prefix + tok.encode(" " + t.strip(), add_special_tokens=False) + [tok.eos_token_id]
+            for t in texts]
+    width = max(len(r) for r in rows)
+    labels = torch.full((len(rows), width), -100, dtype=torch.long)
+    for i, row in enumerate(rows):
+        labels[i, :len(row)] = torch.tensor(row)
+    return labels
+
+
+def generate_kwargs(model: WhisperForConditionalGeneration, num_samples: int | Sequence[int]) -> dict:
+    """Greedy `generate()` settings for a batch whose longest clip has max(num_samples) samples."""
+    longest = num_samples if isinstance(num_samples, int) else max(num_samples)
+    multilingual = _is_multilingual(model.config.vocab_size)
+    prompt_len = 4 if multilingual else 2  # <|startoftranscript|> [lang task] <|notimestamps|>
+    budget = math.ceil(TOKENS_PER_SECOND * longest / SAMPLE_RATE) + TOKEN_MARGIN
+    kwargs: dict = {
+        "max_new_tokens": min(budget, model.config.max_target_positions - prompt_len),
+        "num_beams": 1,
+        "do_sample": False,
+        "return_timestamps": False,
+    }
+    if multilingual:
+        kwargs.update(language="en", task="transcribe")
+    return kwargs
+
+
+def transcribe(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
+               audios: Sequence[np.ndarray], batch_size: int = 8) -> list[str]:
+    """Greedy transcripts, batched; each batch pads to the model window."""
+    param = next(model.parameters())
+    texts: list[str] = []
+    with torch.inference_mode():
+        for start in range(0, len(audios), batch_size):
+            batch = audios[start:start + batch_size]
+            feats = input_features(processor, batch).to(param.device, param.dtype)
+            ids = model.generate(feats, **generate_kwargs(model, [len(a) for a in batch]))
+            texts.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
+    return texts
