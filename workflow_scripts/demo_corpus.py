@@ -50,12 +50,12 @@ PROFILES: dict[str, dict[str, tuple[float, float]]] = {
                             "snr": (4, 7), "tremolo_hz": (4, 7), "tremolo_depth": (0.75, 0.9)},
     "ALS": {"rate": (95, 110), "pitch": (25, 40), "range": (15, 30), "lowpass": (1300, 1700),
             "breath": (0.5, 0.7), "snr": (10, 14)},
-    "Cerebral Palsy": {"rate": (110, 135), "pitch": (40, 60), "range": (60, 90), "jitter": (0.5, 0.6),
-                       "pause_p": (0.35, 0.45), "pause_ms": (350, 750), "break_p": (0.3, 0.4),
+    "Cerebral Palsy": {"rate": (125, 145), "pitch": (40, 60), "range": (60, 90), "jitter": (0.5, 0.6),
+                       "pause_p": (0.25, 0.35), "pause_ms": (300, 600), "break_p": (0.3, 0.4),
                        "snr": (8, 12)},
     "Down Syndrome": {"rate": (250, 290), "pitch": (80, 95), "range": (40, 60), "lowpass": (1100, 1400),
                       "snr": (10, 14)},
-    "Stroke": {"rate": (105, 120), "pitch": (30, 50), "range": (20, 40), "gap": (12, 20), "gain": (-12, -8),
+    "Stroke": {"rate": (120, 135), "pitch": (30, 50), "range": (20, 40), "gap": (8, 14), "gain": (-12, -8),
                "snr": (3, 6)},
 }
 RATINGS = {
@@ -67,40 +67,44 @@ RATINGS = {
 }
 
 # Prompts: templates x vocabulary. Numbers are spelled out because espeak reads the prompt as written.
-_NAMES = ["Maria", "John", "Priya", "Carlos", "Emma", "David", "Aisha", "Peter", "Linda", "Omar", "Grace", "Tom"]
+_NAMES = ["Maria", "John", "Priya", "Carlos", "Emma", "David", "Aisha", "Peter", "Linda", "Omar", "Grace"]
 _ROOMS = ["kitchen", "bedroom", "living room", "bathroom", "garage", "hallway", "office", "basement"]
 _NUMS = ["two", "three", "five", "ten", "fifteen", "twenty", "thirty", "forty"]
 _CITIES = ["Chicago", "Boston", "Denver", "Seattle", "Miami", "Dallas", "Atlanta", "Phoenix", "Portland"]
 _NOUNS = ["dog", "teacher", "river", "letter", "garden", "bicycle", "doctor", "window", "blanket", "train",
           "kettle", "farmer"]
-_ADJS = ["old", "quiet", "yellow", "heavy", "small", "friendly", "broken", "warm", "tall", "bright"]
+_ADJS = ["new", "quiet", "yellow", "heavy", "small", "friendly", "broken", "warm", "tall", "bright"]
 _PLACES = ["library", "station", "bakery", "market", "harbor", "museum", "bridge", "school", "park"]
-COMMANDS = {
-    "Timers": ["Set a timer for {n} minutes.", "Wake me up in {n} minutes."],
-    "Smart Home": ["Turn {o} the {r} lights.", "Set the {r} heater to {n} degrees."],
-    "Communication": ["Call {name} on my cell phone.", "Send a message to {name} saying I am running late."],
-    "Information": ["What is the weather in {city} tomorrow?", "How far is {city} from here?"],
-    "Reminders": ["Remind me to call {name} in {n} minutes.", "Add {name}'s birthday to my calendar."],
-}
-SENTENCES = {
-    "Novel Sentences": ["The {a} {x} waited near the {p}.", "My {x} found a {a} {y} at the {p}.",
-                        "We walked past the {a} {x} after lunch.", "A {a} {x} sat beside the {p} all day."],
-}
 _SLOTS = {"n": _NUMS, "o": ["on", "off"], "r": _ROOMS, "name": _NAMES, "city": _CITIES, "a": _ADJS,
           "x": _NOUNS, "y": _NOUNS, "p": _PLACES}
+# (category, sub-category, template); the category share of utterances is CATEGORY_SHARE.
+TEMPLATES = [
+    ("Digital Assistant Commands", "Timers", "Set a timer for {n} minutes."),
+    ("Digital Assistant Commands", "Timers", "Wake me up in {n} minutes."),
+    ("Digital Assistant Commands", "Smart Home", "Turn {o} the {r} lights."),
+    ("Digital Assistant Commands", "Smart Home", "Set the {r} heater to {n} degrees."),
+    ("Digital Assistant Commands", "Communication", "Call {name} on my cell phone."),
+    ("Digital Assistant Commands", "Communication", "Send a message to {name} saying I am late."),
+    ("Digital Assistant Commands", "Information", "What is the weather in {city} tomorrow?"),
+    ("Digital Assistant Commands", "Information", "How far is {city} from here?"),
+    ("Digital Assistant Commands", "Reminders", "Remind me to call {name} in {n} minutes."),
+    ("Digital Assistant Commands", "Reminders", "Add {name}'s birthday to my calendar."),
+    ("Novel Sentences", "Novel Sentences", "The {a} {x} waited near the {p}."),
+    ("Novel Sentences", "Novel Sentences", "My {x} found a {a} {y} at the {p}."),
+    ("Novel Sentences", "Novel Sentences", "We walked past the {a} {x} after lunch."),
+    ("Novel Sentences", "Novel Sentences", "A {a} {x} sat beside the {p} all day."),
+    ("Novel Sentences", "Novel Sentences", "Please put the {x} next to the {y}."),
+    ("Novel Sentences", "Novel Sentences", "The {x} was too {a} to carry home."),
+]
+CATEGORY_SHARE = {"Digital Assistant Commands": 0.6, "Novel Sentences": 0.4}
 
 
-def prompt_pool() -> list[tuple[str, str, str]]:
-    """Every distinct (prompt text, category, sub-category), in a fixed order."""
-    pool = []
-    for category, groups in (("Digital Assistant Commands", COMMANDS), ("Novel Sentences", SENTENCES)):
-        for sub, templates in groups.items():
-            for template in templates:
-                keys = re.findall(r"{(\w+)}", template)
-                for values in itertools.product(*(_SLOTS[k] for k in keys)):
-                    if len(set(values)) == len(values):  # e.g. no "a dog found a dog"
-                        pool.append((template.format(**dict(zip(keys, values))), category, sub))
-    return pool
+def template_fills(template: str) -> list[str]:
+    """Every distinct filling of a template, in a fixed order."""
+    keys = re.findall(r"{(\w+)}", template)
+    return [template.format(**dict(zip(keys, values, strict=True)))
+            for values in itertools.product(*(_SLOTS[k] for k in keys))
+            if len(set(values)) == len(values)]  # e.g. no "my dog found a small dog"
 
 
 def _markup(prompt: str, kind: int, rng: np.random.Generator) -> tuple[str, str]:
@@ -112,7 +116,8 @@ def _markup(prompt: str, kind: int, rng: np.random.Generator) -> tuple[str, str]
         return " ".join(words[:i] + ["(uh)"] + words[i:]), " ".join(words[:i] + ["uh,"] + words[i:])
     if kind == 1:  # the annotator masked a personal name that was spoken
         i = names[0]
-        return " ".join(words[:i] + ["[PII]" + words[i][len(words[i].rstrip(".?,'s")):]] + words[i + 1:]), prompt
+        tail = words[i][len(words[i].rstrip(".?,'s")):]
+        return " ".join(words[:i] + ["[PII]" + tail] + words[i + 1:]), prompt
     i = int(rng.integers(0, len(words)))  # the annotator's best guess at a word
     return " ".join(words[:i] + [f"{{g: {words[i]}}}"] + words[i + 1:]), prompt
 
@@ -126,18 +131,43 @@ def speaker_id(seed: int, etiology: str, split: str, k: int) -> str:
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
 
+class _Prompts:
+    """Draws prompts: a seed-dependent sixth of each template's fillings is reserved for Dev."""
+
+    def __init__(self, rng: np.random.Generator):
+        self.rng, self.train, self.dev, self.next, self.used = rng, [], [], [], []
+        for _, _, template in TEMPLATES:
+            fills = template_fills(template)
+            fills = [fills[i] for i in rng.permutation(len(fills))]
+            cut = max(1, len(fills) // 6)
+            self.dev.append(fills[:cut])
+            self.train.append(fills[cut:])
+            self.next.append(0)
+
+    def draw(self, split: str) -> tuple[str, int]:
+        if split != "Train" and self.used and self.rng.random() > DEV_UNSEEN:
+            return self.used[int(self.rng.integers(len(self.used)))]  # a prompt Train speakers also read
+        cat = list(CATEGORY_SHARE)[int(self.rng.random() > CATEGORY_SHARE["Digital Assistant Commands"])]
+        ids = [i for i, t in enumerate(TEMPLATES) if t[0] == cat]
+        t = ids[int(self.rng.integers(len(ids)))]
+        if split != "Train":
+            return self.dev[t][int(self.rng.integers(len(self.dev[t])))], t
+        # Train walks each template's fillings in order, so prompts repeat only once a template is used up.
+        text = self.train[t][self.next[t] % len(self.train[t])]
+        self.next[t] += 1
+        self.used.append((text, t))
+        return text, t
+
+
 def plan_corpus(size: str, seed: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     """(speakers, utterances) fully determined by size and seed; synthesis only executes the plan."""
     if size not in SIZES:
         raise ValueError(f"unknown --size {size!r}; choose one of {sorted(SIZES)}")
     n_train_spk, n_train_utt, n_dev_spk, n_dev_utt = SIZES[size]
     rng = np.random.default_rng(seed)
-    pool = prompt_pool()
-    order = rng.permutation(len(pool))
-    held_out = [pool[i] for i in order[: len(pool) // 6]]  # Dev-only prompts
-    train_pool = [pool[i] for i in order[len(pool) // 6:]]
+    prompts = _Prompts(rng)
     base = dt.datetime(2023, 1, 1, 9, 0, 0) + dt.timedelta(days=int(rng.integers(0, 300)))
-    speakers, utts, used = [], [], []
+    speakers, utts = [], []
     for split, n_spk, n_utt in (("Train", n_train_spk, n_train_utt), ("Dev", n_dev_spk, n_dev_utt)):
         for etiology in ETIOLOGIES:
             for k in range(n_spk):
@@ -146,21 +176,16 @@ def plan_corpus(size: str, seed: int) -> tuple[list[dict[str, Any]], list[dict[s
                        "params": _draw(PROFILES[etiology], rng)}
                 speakers.append(spk)
                 for j in range(n_utt):
-                    if split == "Train":
-                        prompt = train_pool[len(used) % len(train_pool)]
-                        used.append(prompt)
-                    elif rng.random() < DEV_UNSEEN or not used:
-                        prompt = held_out[int(rng.integers(len(held_out)))]
-                    else:
-                        prompt = used[int(rng.integers(len(used)))]
+                    text, t = prompts.draw(split)
                     n = len(utts)
-                    transcript, spoken = prompt[0], prompt[0]
-                    if n % 8 == 3:  # a few transcripts carry markup, as ~20 % do in SAP
-                        transcript, spoken = _markup(prompt[0], (n // 8) % 3, rng)
+                    transcript, spoken = text, text
+                    if n % 8 == 3:  # a few transcripts carry markup (~20 % do in real SAP data)
+                        transcript, spoken = _markup(text, (n // 8) % 3, rng)
                     created = base + dt.timedelta(minutes=int(n * 7 + rng.integers(0, 5)))
-                    utts.append({"speaker": spk["id"], "split": split, "prompt": prompt[0], "category": prompt[1],
-                                 "sub": prompt[2], "transcript": transcript, "spoken": spoken,
-                                 "filename": f"{spk['id']}_{pool.index(prompt) + 1000}_{j + 1}_16kHz.wav",
+                    utts.append({"speaker": spk["id"], "split": split, "prompt": text,
+                                 "category": TEMPLATES[t][0], "sub": TEMPLATES[t][1],
+                                 "transcript": transcript, "spoken": spoken,
+                                 "filename": f"{spk['id']}_{1000 + t}_{j + 1}_16kHz.wav",
                                  "created": created.strftime("%Y-%m-%d %H:%M:%S"),
                                  "seed": int(rng.integers(1, 2**31 - 1))})
     return speakers, utts
@@ -225,7 +250,8 @@ def _manifest(spk: dict[str, Any], utts: list[dict[str, Any]]) -> dict[str, Any]
         files.append({"Filename": u["filename"], "Created": u["created"], "CreatedOrModified": u["created"],
                       "Comment": "", "Ratings": ratings,
                       "Prompt": {"Prompt Text": u["prompt"], "Transcript": u["transcript"],
-                                 "Category Description": u["category"], "Sub Category Description": u["sub"]}})
+                                 "Category Description": u["category"],
+                                 "Sub Category Description": u["sub"]}})
     return {"Contributor ID": spk["id"], "Etiology": spk["etiology"], "BlockNumber": spk["block"],
             "Primary Language": "English", "Speech Description": f"Synthetic speaker ({spk['voice']}) "
             f"imitating {spk['etiology']}-related speech; not a real person.", "Files": files}
@@ -235,21 +261,25 @@ def render_readme(info: dict[str, Any]) -> str:
     lines = [f"# Synthetic SAP-format corpus ({info['size']}, seed {info['seed']})", "",
              "espeak-ng speech with one deterministic degradation profile per etiology, laid out like the "
              "Speech Accessibility Project release. Generated by:", "",
-             f"    python -m workflow_scripts.demo_corpus --out <dir> --size {info['size']} --seed {info['seed']}",
+             f"    python -m workflow_scripts.demo_corpus --out <dir> --size {info['size']} "
+             f"--seed {info['seed']}",
              "", "## Counts (utterances / speakers)", "", "| Split | Etiology | Utterances | Speakers |",
              "|---|---|---|---|"]
     for split, per in info["counts"].items():
         lines += [f"| {split} | {e} | {c['utterances']} | {c['speakers']} |" for e, c in per.items()]
-    lines += ["", f"Clip length {info['duration_s']['min']}-{info['duration_s']['max']} s "
-              f"(mean {info['duration_s']['mean']} s). Dev prompts unseen in Train: {info['dev_unseen_pct']} %.",
+    d = info["duration_s"]
+    lines += ["", f"Clip length {d['min']}-{d['max']} s (mean {d['mean']} s). "
+              f"Dev prompts unseen in Train: {info['dev_unseen_pct']} %.",
               "", "## Degradation ranges per etiology (each speaker draws one value per range)", ""]
     lines += [f"- **{e}**: " + ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in sorted(p.items()))
               for e, p in PROFILES.items()]
     lines += ["", "Keys: rate espeak words/min; pitch, range espeak 0-100; gap extra word gap (10 ms units); "
               "gain dB; snr white-noise SNR dB; tremolo_hz/depth amplitude modulation; lowpass Hz; breath "
-              "envelope-shaped hiss; jitter per-word rate spread; pause_p/pause_ms pauses; break_p pitch breaks."]
+              "envelope-shaped hiss; jitter per-word rate spread; pause_p/pause_ms pauses; "
+              "break_p pitch breaks."]
     if info.get("zero_shot_wer"):
-        lines += ["", "## tiny.en zero-shot WER (SAP scoring rule)", "", "| Etiology | WER % | n |", "|---|---|---|"]
+        lines += ["", "## tiny.en zero-shot WER (greedy, SAP scoring rule)", "", "| Etiology | WER % | n |",
+                  "|---|---|---|"]
         lines += [f"| {e} | {100 * r['wer']:.1f} | {r['n']} |" for e, r in info["zero_shot_wer"].items()]
     return "\n".join(lines) + "\n"
 
@@ -283,16 +313,19 @@ def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwr
             text = json.dumps(_manifest(s, [u for u in utts if u["speaker"] == s["id"]]), indent=2,
                               sort_keys=True, ensure_ascii=False)
             (tmp / s["split"] / s["id"] / f"{s['id']}.json").write_text(text + "\n", encoding="utf-8")
-        train_prompts = {u["prompt"] for u in utts if u["split"] == "Train"}
+        seen = {u["prompt"] for u in utts if u["split"] == "Train"}
         dev = [u for u in utts if u["split"] == "Dev"]
-        counts = {split: {e: {"speakers": sum(s["split"] == split and s["etiology"] == e for s in speakers),
-                              "utterances": sum(u["split"] == split and by_id[u["speaker"]]["etiology"] == e
-                                                for u in utts)} for e in ETIOLOGIES} for split in ("Train", "Dev")}
+        counts: dict[str, dict[str, dict[str, int]]] = {}
+        for s in speakers:
+            c = counts.setdefault(s["split"], {}).setdefault(s["etiology"], {"speakers": 0, "utterances": 0})
+            c["speakers"] += 1
+            c["utterances"] += sum(u["speaker"] == s["id"] for u in utts)
         info = {"size": size, "seed": seed, "counts": counts, "profiles": PROFILES,
-                "speakers": {s["id"]: {k: s[k] for k in ("split", "etiology", "voice", "params")} for s in speakers},
+                "speakers": {s["id"]: {k: s[k] for k in ("split", "etiology", "voice", "params")}
+                             for s in speakers},
                 "duration_s": {"min": round(min(durations), 2), "max": round(max(durations), 2),
                                "mean": round(float(np.mean(durations)), 2)},
-                "dev_unseen_pct": round(100 * sum(u["prompt"] not in train_prompts for u in dev) / len(dev), 1),
+                "dev_unseen_pct": round(100 * sum(u["prompt"] not in seen for u in dev) / len(dev), 1),
                 "zero_shot_wer": zero_shot_wer or {}}
         _write_info(tmp, info)
         if out.exists():
@@ -332,7 +365,7 @@ def measure_zero_shot(corpus: str | os.PathLike, model_dir: str | None = None, p
         res = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.input_features)),
                              [["<|startoftranscript|>", "<|notimestamps|>"]] * len(chunk), beam_size=1,
                              max_length=120)
-        rows += [(u.transcript, tok.decode(r.sequences_ids[0]), u.etiology) for u, r in zip(chunk, res)]
+        rows += [(u.transcript, tok.decode(r.sequences_ids[0]), u.etiology) for u, r in zip(chunk, res, strict=True)]
     per = score_corpus(rows)["per_etiology"]
     result = {e: {"wer": round(per[e]["wer"], 4), "n": per[e]["n"]} for e in ETIOLOGIES if e in per}
     info_path = corpus / "corpus_info.json"
@@ -347,7 +380,7 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     mode = ap.add_mutually_exclusive_group(required=True)
     mode.add_argument("--out", help="corpus folder to create")
-    mode.add_argument("--measure", metavar="CORPUS", help="measure tiny.en zero-shot WER on an existing corpus")
+    mode.add_argument("--measure", metavar="CORPUS", help="measure tiny.en zero-shot WER of a corpus")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--jobs", type=int, default=1, help="parallel synthesis processes")

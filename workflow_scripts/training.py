@@ -1,0 +1,128 @@
+"""Pieces shared by the stages that train or run Whisper on utterances: batches, precision, resume.
+
+Both LoRA training stages (experts, joint ASR) keep their own loop (one recipe per file); what they
+share is how an utterance becomes a batch and how a resume checkpoint is written and read.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import random
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from workflow_scripts.base_model import load_whisper
+from workflow_scripts.sap_data import Utterance, load_audio
+from workflow_scripts.scoring import training_text
+from workflow_scripts.whisper_io import input_features, label_ids
+
+log = logging.getLogger("training")
+
+
+def pick_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def load_base(base_model: str, encoder_window_s: float):
+    """Model + processor with the run's encoder window, capped at the model's own window."""
+    model, processor = load_whisper(base_model)
+    native = model.config.max_source_positions / 50
+    if encoder_window_s < native:
+        model, processor = load_whisper(base_model, encoder_window_s=encoder_window_s)
+    elif encoder_window_s > native:
+        log.warning("encoder_window_s=%g exceeds the model's %g s window; using %g s", encoder_window_s, native,
+                    native)
+    return model, processor
+
+
+class AudioDataset(Dataset):
+    """(audio, training text, index) per utterance; audio decoding runs in DataLoader workers."""
+
+    def __init__(self, utts: Sequence[Utterance]):
+        self.utts = list(utts)
+
+    def __len__(self) -> int:
+        return len(self.utts)
+
+    def __getitem__(self, i: int):
+        u = self.utts[i]
+        return load_audio(u.wav), training_text(u.transcript), i
+
+
+class Collate:
+    """Turns (audio, text, index) items into model inputs; a class so DataLoader workers can pickle it."""
+
+    def __init__(self, processor):
+        self.processor = processor
+
+    def __call__(self, items) -> dict:
+        audios, texts, idx = zip(*items, strict=True)
+        return {
+            "input_features": input_features(self.processor, audios),
+            "labels": label_ids(self.processor, texts),
+            "num_samples": [len(a) for a in audios],
+            "index": list(idx),
+        }
+
+
+def make_loader(utts: Sequence[Utterance], processor, *, batch_size: int, num_workers: int,
+                shuffle: bool, seed: int = 0) -> DataLoader:
+    """Deterministic order: the same seed gives the same batches, which resume relies on."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(AudioDataset(utts), batch_size=batch_size, shuffle=shuffle, generator=generator,
+                      num_workers=num_workers, collate_fn=Collate(processor))
+
+
+def use_fp16(setting, device: torch.device) -> bool:
+    """fp16 'auto' = on for CUDA; fp16 on the CPU is refused rather than silently slow."""
+    if setting == "auto":
+        return device.type == "cuda"
+    if setting and device.type != "cuda":
+        log.warning("fp16 requested without a CUDA device; training in float32")
+        return False
+    return bool(setting)
+
+
+def autocast(enabled: bool, device: torch.device):
+    if not enabled:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.float16)
+
+
+def batches_from(loader: DataLoader, skip: int) -> Iterator[tuple[int, dict]]:
+    """(batch number, batch) of one epoch, skipping the ones a resumed run has already done."""
+    for i, batch in enumerate(loader):
+        if i >= skip:
+            yield i, batch
+
+
+def save_resume(path: Path, state: dict) -> None:
+    """Resume checkpoint (weights, optimizer, scheduler, position), written atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def load_resume(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint at `path` if it belongs to the same job (same settings and data), else None."""
+    if not path.exists():
+        return None
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    if state.get("fingerprint") != fingerprint:
+        log.info("resume checkpoint %s is from other settings or data; starting fresh", path)
+        return None
+    log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
+    return state
