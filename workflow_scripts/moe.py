@@ -162,7 +162,7 @@ def load_balance_loss(probs: Tensor, expert_idx: Tensor) -> Tensor:
     """Switch Transformer aux loss K * sum_k f_k * P_k; 1.0 when balanced, K when fully collapsed."""
     k = probs.shape[1]
     counts = torch.bincount(expert_idx.reshape(-1), minlength=k).to(probs.dtype)
-    return torch.sum(counts / counts.sum() * probs.mean(0))
+    return k * torch.sum(counts / counts.sum() * probs.mean(0))
 
 
 def _matches(name: str, targets: str | Sequence[str]) -> bool:
