@@ -7,10 +7,18 @@ from snakemake.utils import min_version
 min_version("9.20")
 
 
-configfile: "config/config.yaml"
+# Absolute, so `snakemake -s <repo>/Snakefile --directory <elsewhere>` finds it too.
+configfile: f"{workflow.basedir}/config/config.yaml"
 
 
 include: "rules/common.smk"
+
+
+wildcard_constraints:
+    run="[A-Za-z0-9][A-Za-z0-9_-]*",
+    expert=r"\d+",
+
+
 include: "rules/data.smk"
 include: "rules/embeddings.smk"
 include: "rules/clustering.smk"

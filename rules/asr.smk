@@ -19,11 +19,13 @@ rule asr:
         # Resume checkpoints live outside the declared output, which Snakemake deletes on rerun.
         work_dir="results/{run}/_work/asr",
         settings=lambda w: settings_json(w.run, "lora", "asr", "training"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=24000,
         gpu=1,
     shell:
-        "{PYTHON} -m workflow_scripts.asr --train {input.train} --val {input.val}"
+        "python -m workflow_scripts.asr --train {input.train} --val {input.val}"
         " --base-model {params.model} {params.pretrained} --out {output}"
         " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"

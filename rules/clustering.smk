@@ -14,11 +14,13 @@ checkpoint clustering:
         "results/{run}/benchmarks/clustering.tsv"
     params:
         settings=lambda w: settings_json(w.run, "clustering"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
     shell:
-        "{PYTHON} -m workflow_scripts.clustering cluster --embeddings-dir results/{wildcards.run}/embeddings"
+        "python -m workflow_scripts.clustering cluster --embeddings-dir results/{wildcards.run}/embeddings"
         " --labels-out {output.labels} --summary-out {output.summary}"
         " --settings {params.settings:q} > {log} 2>&1"
 
@@ -27,15 +29,18 @@ rule cluster_plot:
     input:
         mapping="results/{run}/embeddings/mapping.json",
         labels="results/{run}/cluster_labels.npy",
+        summary="results/{run}/clusters.json",
     output:
         report("results/{run}/cluster_plot.png", caption="../config/report_cluster_plot.rst"),
     log:
         "results/{run}/logs/cluster_plot.log",
     params:
         settings=lambda w: settings_json(w.run, "clustering"),
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
     shell:
-        "{PYTHON} -m workflow_scripts.clustering plot --embeddings-dir results/{wildcards.run}/embeddings"
-        " --labels {input.labels} --out {output} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.clustering plot --embeddings-dir results/{wildcards.run}/embeddings"
+        " --labels {input.labels} --summary {input.summary} --out {output} --settings {params.settings:q} > {log} 2>&1"

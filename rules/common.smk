@@ -2,6 +2,7 @@
 # small functions here, so rule bodies hold no logic.
 import functools
 import json
+import os
 import sys
 
 from snakemake.utils import validate
@@ -14,17 +15,16 @@ from workflow_scripts.settings import resolve_run, stage_settings  # noqa: E402
 
 validate(config, "../config/schema.yaml")
 
-# The interpreter that runs Snakemake (the project venv) also runs every stage.
-PYTHON = sys.executable
+# Stages run as `python -m workflow_scripts.<stage>`: `python` is the interpreter that runs Snakemake
+# (the project venv) unless --use-conda activates envs/moe_whisper.yaml, and the package is found
+# from any working directory.
+os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
+os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
+CONDA_ENV = "../envs/moe_whisper.yaml"
 MODELS_DIR = "results/_models"
 CORPORA_DIR = "results/_corpora"
 # Generated corpora do not depend on a run's seed, so runs with different seeds share them.
 CORPUS_SEED = 0
-
-
-wildcard_constraints:
-    run="[A-Za-z0-9][A-Za-z0-9_-]*",
-    expert=r"\d+",
 
 
 @functools.cache
@@ -45,13 +45,13 @@ def dataset_path(run):
 
 
 def base_model_path(run):
-    """Local folder (made by rule base_model for bundled:* and tiny-random) or a hub id."""
+    """Local folder (built by the base_model job for bundled models and tiny-random) or a hub id."""
     return resolve_base_model(run_settings(run)["base_model"], MODELS_DIR)
 
 
 def base_model_input(run):
     path = base_model_path(run)
-    return [path] if path.startswith(MODELS_DIR + "/") else []
+    return [path] if path.startswith(f"{MODELS_DIR}/") else []
 
 
 def skip_pretraining(run):

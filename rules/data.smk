@@ -12,11 +12,13 @@ rule demo_corpus:
         seed=CORPUS_SEED,
     wildcard_constraints:
         size="tiny|small|medium",
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=2000,
     shell:
-        "{PYTHON} -m workflow_scripts.demo_corpus --out {output} --size {wildcards.size}"
+        "python -m workflow_scripts.demo_corpus --out {output} --size {wildcards.size}"
         " --seed {params.seed} --jobs {threads} > {log} 2>&1"
 
 
@@ -31,11 +33,13 @@ rule base_model:
         spec=lambda w: w.name if w.name == "tiny-random" else f"bundled:{w.name}",
     wildcard_constraints:
         name=r"tiny-random|tiny\.en|base|small",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
     shell:
-        "{PYTHON} -m workflow_scripts.base_model --spec {params.spec} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.base_model --spec {params.spec} --out {output} > {log} 2>&1"
 
 
 rule prepare_data:
@@ -54,10 +58,12 @@ rule prepare_data:
         "results/{run}/benchmarks/prepare_data.tsv"
     params:
         settings=lambda w: settings_json(w.run, "data", "train_split", "eval_split"),
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
     shell:
-        "{PYTHON} -m workflow_scripts.data --dataset-root {input.dataset}"
+        "python -m workflow_scripts.data --dataset-root {input.dataset}"
         " --out-dir results/{wildcards.run}/data --report {output.report}"
         " --settings {params.settings:q} > {log} 2>&1"

@@ -17,11 +17,13 @@ rule embeddings:
         # Partial results survive a crash here: Snakemake removes declared outputs before a rerun.
         work_dir="results/{run}/_work/embeddings",
         settings=lambda w: settings_json(w.run, "embeddings"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
         gpu=1,
     shell:
-        "{PYTHON} -m workflow_scripts.embeddings --utterances {input.utterances}"
+        "python -m workflow_scripts.embeddings --utterances {input.utterances}"
         " --base-model {params.model} --out-dir results/{wildcards.run}/embeddings"
         " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"

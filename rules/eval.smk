@@ -18,11 +18,13 @@ rule eval:
     params:
         model=lambda w: base_model_path(w.run),
         settings=lambda w: settings_json(w.run, "eval"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
         gpu=1,
     shell:
-        "{PYTHON} -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
+        "python -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
         " --base-model {params.model} --out-dir results/{wildcards.run}/eval"
         " --threads {threads} --settings {params.settings:q} > {log} 2>&1"

@@ -18,12 +18,14 @@ rule expert_assignment:
     params:
         model=lambda w: base_model_path(w.run),
         settings=lambda w: settings_json(w.run, "embeddings"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=8000,
         gpu=1,
     shell:
-        "{PYTHON} -m workflow_scripts.experts assign --utterances {input.expert} --val {input.val}"
+        "python -m workflow_scripts.experts assign --utterances {input.expert} --val {input.val}"
         " --embeddings-dir results/{wildcards.run}/embeddings --labels {input.labels}"
         " --gating {input.gate} --base-model {params.model} --out {output}"
         " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
@@ -43,12 +45,14 @@ rule expert:
         model=lambda w: base_model_path(w.run),
         work_dir="results/{run}/_work/experts/expert_{expert}",
         settings=lambda w: settings_json(w.run, "lora", "experts", "training"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=16000,
         gpu=1,
     shell:
-        "{PYTHON} -m workflow_scripts.experts train --expert {wildcards.expert}"
+        "python -m workflow_scripts.experts train --expert {wildcards.expert}"
         " --assignment {input.assignment} --base-model {params.model} --out {output}"
         " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
 
@@ -60,8 +64,10 @@ rule experts_manifest:
         "results/{run}/experts/manifest.json",
     log:
         "results/{run}/logs/experts_manifest.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=1000,
     shell:
-        "{PYTHON} -m workflow_scripts.experts manifest --out {output} {input} > {log} 2>&1"
+        "python -m workflow_scripts.experts manifest --out {output} {input} > {log} 2>&1"

@@ -14,11 +14,13 @@ rule gating:
         "results/{run}/benchmarks/gating.tsv"
     params:
         settings=lambda w: settings_json(w.run, "gating"),
+    conda:
+        CONDA_ENV
     threads: 2
     resources:
         mem_mb=4000,
     shell:
-        "{PYTHON} -m workflow_scripts.gating train --embeddings-dir results/{wildcards.run}/embeddings"
+        "python -m workflow_scripts.gating train --embeddings-dir results/{wildcards.run}/embeddings"
         " --labels {input.labels} --out {output.gate} --metrics-out {output.metrics}"
         " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
 
@@ -30,8 +32,10 @@ rule gating_plot:
         report("results/{run}/gating_metrics.png", caption="../config/report_gating_plot.rst"),
     log:
         "results/{run}/logs/gating_plot.log",
+    conda:
+        CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
     shell:
-        "{PYTHON} -m workflow_scripts.gating plot --metrics {input} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.gating plot --metrics {input} --out {output} > {log} 2>&1"

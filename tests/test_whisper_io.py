@@ -1,0 +1,115 @@
+"""whisper_io helpers on the tiny random Whisper (10 s window, real tiny.en tokenizer)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperConfig
+from transformers.models.whisper.modeling_whisper import shift_tokens_right
+
+from workflow_scripts import whisper_io
+from workflow_scripts.base_model import load_whisper, materialize
+
+torch.set_num_threads(2)
+SR = whisper_io.SAMPLE_RATE
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> tuple:
+    path: Path = materialize("tiny-random", tmp_path_factory.mktemp("models") / "tiny-random")
+    return load_whisper(path)
+
+
+def tone(seconds: float, freq: float = 220.0) -> np.ndarray:
+    t = np.arange(int(seconds * SR)) / SR
+    return (0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
+
+
+def test_input_features_pad_to_model_window(tiny):
+    model, processor = tiny
+    feats = whisper_io.input_features(processor, [tone(1.0), tone(9.5)])
+    assert feats.shape == (2, 80, 2 * model.config.max_source_positions) == (2, 80, 1000)
+    assert whisper_io.window_seconds(model) == 10
+    with pytest.raises(ValueError, match=r"audio #1 lasts 10.50 s, longer than the 10 s encoder window"):
+        whisper_io.input_features(processor, [tone(1.0), tone(10.5)])
+
+
+def test_encoder_frames_cover_real_audio():
+    assert [whisper_io.encoder_frames(n) for n in (0, 1, 320, 321, SR, 30 * SR)] == [1, 1, 1, 2, 50, 1500]
+
+
+def test_pooled_embeddings_ignore_padding(tiny):
+    model, processor = tiny
+    clip, other = tone(1.5), tone(3.0, freq=330.0)
+    n = [len(clip), len(other)]
+    with torch.no_grad():
+        pooled = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, [clip, other]), n)
+        # explicit trailing silence is the same as padding: real-audio frames and pooled vector stay put
+        silent_tail = np.concatenate([clip, np.zeros(2 * SR, np.float32)])
+        again = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, [silent_tail]),
+                                             [len(clip)])
+        whole_window = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, [clip]),
+                                                    [10 * SR])
+        both = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, [clip, other]), n,
+                                            pooling="mean_std")
+    assert pooled.shape == (2, model.config.d_model)
+    torch.testing.assert_close(again[0], pooled[0])  # batch mates do not leak into each other either
+    assert not torch.allclose(whole_window[0], pooled[0], atol=1e-3)  # padded silence would dominate
+    assert both.shape == (2, 2 * model.config.d_model)
+    torch.testing.assert_close(both[:, : model.config.d_model], pooled)
+    assert (both[:, model.config.d_model:] > 0).all()
+    with pytest.raises(ValueError, match="pooling"):
+        whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, [clip]), [len(clip)], "max")
+
+
+def test_label_ids_english_only_format(tiny):
+    model, processor = tiny
+    tok = processor.tokenizer
+    labels = whisper_io.label_ids(processor, ["Turn on the lights.", "  Hi "])
+    notimestamps, eos, sot = tok.convert_tokens_to_ids(["<|notimestamps|>", "<|endoftext|>",
+                                                        "<|startoftranscript|>"])
+    first = labels[0].tolist()
+    assert first == [notimestamps, *tok.encode(" Turn on the lights.", add_special_tokens=False), eos]
+    short = [t for t in labels[1].tolist() if t != -100]
+    assert short == [notimestamps, *tok.encode(" Hi", add_special_tokens=False), eos]
+    assert labels[1, len(short):].eq(-100).all() and labels.shape == (2, len(first))
+    assert tok.decode(short, skip_special_tokens=True) == " Hi"
+    # the model's shift-right supplies the single <|startoftranscript|>
+    decoder_in = shift_tokens_right(labels, model.config.pad_token_id, model.config.decoder_start_token_id)
+    assert decoder_in[:, 0].eq(sot).all() and decoder_in[:, 1].eq(notimestamps).all()
+    assert sot not in first
+
+
+def test_label_ids_multilingual_prefix(tiny):
+    _, processor = tiny
+    multilingual = copy.deepcopy(processor)
+    multilingual.tokenizer.add_tokens(["<|extra|>"])  # 51865 tokens: the multilingual vocabulary size
+    labels = whisper_io.label_ids(multilingual, ["hello"])
+    prefix = multilingual.tokenizer.convert_tokens_to_ids(["<|en|>", "<|transcribe|>", "<|notimestamps|>"])
+    assert labels[0, :3].tolist() == prefix
+
+
+def test_generate_kwargs_bound_tokens_by_duration():
+    english = SimpleNamespace(config=WhisperConfig(vocab_size=51864, max_target_positions=448))
+    kwargs = whisper_io.generate_kwargs(english, [SR, 2 * SR])
+    assert kwargs["max_new_tokens"] == 6 * 2 + 10 and "language" not in kwargs and kwargs["num_beams"] == 1
+    assert whisper_io.generate_kwargs(english, 3000 * SR)["max_new_tokens"] == 448 - 2
+    multi = SimpleNamespace(config=WhisperConfig(vocab_size=51865, max_target_positions=448))
+    kwargs = whisper_io.generate_kwargs(multi, 3000 * SR)
+    assert (kwargs["language"], kwargs["task"], kwargs["max_new_tokens"]) == ("en", "transcribe", 448 - 4)
+
+
+def test_transcribe_batched_equals_one_by_one(tiny):
+    model, processor = tiny
+    # equal lengths: a batch's token budget follows its longest clip
+    audios = [tone(1.0), tone(1.0, 330.0), tone(1.0, 440.0)]
+    batched = whisper_io.transcribe(model, processor, audios, batch_size=3)
+    single = [whisper_io.transcribe(model, processor, [a], batch_size=1)[0] for a in audios]
+    assert batched == single and len(batched) == 3
+    budget = whisper_io.generate_kwargs(model, SR)["max_new_tokens"]
+    assert all(len(processor.tokenizer.encode(t, add_special_tokens=False)) <= budget + 1 for t in batched)
