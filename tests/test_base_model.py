@@ -135,7 +135,7 @@ def test_greedy_tokens_equal_ctranslate2(greedy_30s):
 
 
 def test_shorter_encoder_window_keeps_transcripts(tiny_en, speech):
-    native, _ = load_whisper(tiny_en)
+    native, native_processor = load_whisper(tiny_en)
     model, processor = load_whisper(tiny_en, encoder_window_s=10)
     assert model.config.max_source_positions == 500 and whisper_io.window_seconds(model) == 10
     assert torch.equal(model.model.encoder.embed_positions.weight,
@@ -145,6 +145,12 @@ def test_shorter_encoder_window_keeps_transcripts(tiny_en, speech):
     wer = corpus_wer(SENTENCES, hyps)
     print(f"tiny.en zero-shot WER, 10 s window: {wer:.3f}")
     assert wer < 0.30, hyps
+    # utterance embeddings pooled over real audio barely depend on the window (measured cos >= 0.99)
+    clips, lengths = speech[:3], [len(a) for a in speech[:3]]
+    with torch.no_grad():
+        short = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, clips), lengths)
+        long = whisper_io.pooled_embeddings(native, whisper_io.input_features(native_processor, clips), lengths)
+    assert torch.nn.functional.cosine_similarity(short, long).min() > 0.98
 
 
 def test_window_longer_than_native_is_refused(tiny_en):

