@@ -30,7 +30,6 @@ from workflow_scripts.sap_data import read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
 from workflow_scripts.training import (
     autocast,
-    batches_from,
     load_base,
     load_resume,
     make_loader,
@@ -149,10 +148,10 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     params = expert_params + list(moe.gate.parameters())
     while epoch <= cfg["epochs"] and since_best < tcfg["patience"]:
         loader = make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=True, seed=settings["seed"] * 1000 + epoch)
+                             shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip)
         sums = {"loss": 0.0, "task_loss": 0.0, "balance_loss": 0.0, "gate_loss": 0.0}
         usage, seen = [0] * moe.num_experts, 0
-        for i, batch in batches_from(loader, skip):
+        for i, batch in enumerate(loader, start=skip):
             result = run_batch(moe, batch, train_targets, pooling, cfg, device, fp16)
             scaler.scale(result["loss"] / accum).backward()
             seen += 1

@@ -24,16 +24,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import Utterance, load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.training import load_base, pick_device
 from workflow_scripts.whisper_io import input_features, pooled_embeddings
 
 log = logging.getLogger("embeddings")
-
-
-def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 @torch.no_grad()
@@ -97,7 +93,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
     utts = read_utterances(utterances_path)
     cfg = settings["embeddings"]
     device = pick_device()
-    model, processor = load_whisper(base_model, encoder_window_s=settings["encoder_window_s"])
+    model, processor = load_base(base_model, settings["encoder_window_s"])
     model.to(device).eval()
 
     store = PartialStore(work_dir, _fingerprint(utts, base_model, cfg["pooling"], settings["encoder_window_s"]),

@@ -34,7 +34,6 @@ from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
 from workflow_scripts.training import (
     autocast,
-    batches_from,
     load_base,
     load_resume,
     make_loader,
@@ -169,9 +168,9 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
 
     while epoch <= cfg["epochs"] and since_best < tcfg["patience"]:
         loader = make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=True, seed=settings["seed"] * 1000 + epoch)
+                             shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip)
         running, seen = 0.0, 0
-        for i, batch in batches_from(loader, skip):
+        for i, batch in enumerate(loader, start=skip):
             with autocast(fp16, device):
                 out = model(input_features=batch["input_features"].to(device), labels=batch["labels"].to(device))
             scaler.scale(out.loss / accum).backward()

@@ -44,6 +44,11 @@ def _run_defaults(schema: dict) -> dict:
     return out
 
 
+def default_run() -> dict:
+    """Every run key at its schema default (data percentages unscaled)."""
+    return _run_defaults(load_schema())
+
+
 def _merge(base: dict, override: dict) -> dict:
     merged = copy.deepcopy(base)
     for key, value in override.items():

@@ -10,14 +10,14 @@ import contextlib
 import logging
 import os
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from workflow_scripts.base_model import load_whisper
+from workflow_scripts.base_model import POSITIONS_PER_SECOND, load_whisper, set_encoder_window
 from workflow_scripts.sap_data import Utterance, load_audio
 from workflow_scripts.scoring import training_text
 from workflow_scripts.whisper_io import input_features, label_ids
@@ -38,9 +38,9 @@ def seed_everything(seed: int) -> None:
 def load_base(base_model: str, encoder_window_s: float):
     """Model + processor with the run's encoder window, capped at the model's own window."""
     model, processor = load_whisper(base_model)
-    native = model.config.max_source_positions / 50
+    native = model.config.max_source_positions / POSITIONS_PER_SECOND
     if encoder_window_s < native:
-        model, processor = load_whisper(base_model, encoder_window_s=encoder_window_s)
+        set_encoder_window(model, processor, encoder_window_s)
     elif encoder_window_s > native:
         log.warning("encoder_window_s=%g exceeds the model's %g s window; using %g s", encoder_window_s, native,
                     native)
@@ -78,11 +78,20 @@ class Collate:
 
 
 def make_loader(utts: Sequence[Utterance], processor, *, batch_size: int, num_workers: int,
-                shuffle: bool, seed: int = 0) -> DataLoader:
-    """Deterministic order: the same seed gives the same batches, which resume relies on."""
-    generator = torch.Generator().manual_seed(seed)
-    return DataLoader(AudioDataset(utts), batch_size=batch_size, shuffle=shuffle, generator=generator,
-                      num_workers=num_workers, collate_fn=Collate(processor))
+                shuffle: bool, seed: int = 0, skip_batches: int = 0) -> DataLoader:
+    """Batches in a seeded order; `skip_batches` drops the ones a resumed run has already trained on.
+
+    The order depends only on the seed, so a resumed epoch sees exactly the batches the interrupted
+    one had left, without decoding the audio of the skipped ones.
+    """
+    order = torch.arange(len(utts))
+    if shuffle:
+        order = torch.randperm(len(utts), generator=torch.Generator().manual_seed(seed))
+    # Its own generator: DataLoader otherwise draws worker seeds from the global RNG, which would
+    # shift dropout after a resume.
+    return DataLoader(AudioDataset(utts), batch_size=batch_size, sampler=order[skip_batches * batch_size:].tolist(),
+                      num_workers=num_workers, collate_fn=Collate(processor),
+                      generator=torch.Generator().manual_seed(seed))
 
 
 def use_fp16(setting, device: torch.device) -> bool:
@@ -101,16 +110,15 @@ def autocast(enabled: bool, device: torch.device):
     return torch.autocast(device_type=device.type, dtype=torch.float16)
 
 
-def batches_from(loader: DataLoader, skip: int) -> Iterator[tuple[int, dict]]:
-    """(batch number, batch) of one epoch, skipping the ones a resumed run has already done."""
-    for i, batch in enumerate(loader):
-        if i >= skip:
-            yield i, batch
-
-
 def save_resume(path: Path, state: dict) -> None:
-    """Resume checkpoint (weights, optimizer, scheduler, position), written atomically."""
+    """Resume checkpoint (weights, optimizer, scheduler, position, RNG), written atomically.
+
+    The RNG state makes dropout after a resume draw what it would have drawn without the crash, so a
+    resumed run ends with the same weights as an uninterrupted one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
+    state = {**state, "rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
@@ -125,4 +133,7 @@ def load_resume(path: Path, fingerprint: str) -> dict | None:
         log.info("resume checkpoint %s is from other settings or data; starting fresh", path)
         return None
     log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
+    torch.set_rng_state(state["rng"])
+    if state["cuda_rng"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state

@@ -1,0 +1,112 @@
+"""Crash recovery inside a stage: a job killed midway resumes from its own checkpoint and ends with
+exactly what an uninterrupted job produces (the research code's "resume" only skipped whole stages)."""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import numpy as np
+import pytest
+from safetensors.torch import load_file
+
+from workflow_scripts import asr, embeddings
+from workflow_scripts.moe import read_gate_file
+from workflow_scripts.sap_data import DataReport, read_split, write_utterances
+from workflow_scripts.settings import default_run
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+class Crash(RuntimeError):
+    pass
+
+
+def crash_after(n_calls: int, fn):
+    """Wrap fn so that call number n_calls + 1 raises, like a job killed mid-stage."""
+    calls = {"n": 0}
+
+    def wrapped(*args, **kwargs):
+        calls["n"] += 1
+        if calls["n"] > n_calls:
+            raise Crash(f"simulated crash at call {calls['n']}")
+        return fn(*args, **kwargs)
+
+    return wrapped
+
+
+@pytest.fixture(scope="module")
+def utterance_files(tiny_corpus, tmp_path_factory):
+    report = DataReport()
+    train = read_split(tiny_corpus, "Train", report, max_duration_s=10)
+    folder = tmp_path_factory.mktemp("lists")
+    by_speaker = sorted({u.speaker for u in train})
+    val_speakers = set(by_speaker[:2])
+    write_utterances(folder / "train.json", [u for u in train if u.speaker not in val_speakers][:8])
+    write_utterances(folder / "val.json", [u for u in train if u.speaker in val_speakers][:2])
+    return folder
+
+
+def run_settings(**overrides) -> dict:
+    settings = default_run()
+    settings.update(base_model="tiny-random", encoder_window_s=10, num_experts=3, skip_pretraining=True, seed=7)
+    settings["lora"].update(r=4, alpha=8)
+    settings["asr"].update(epochs=2, batch_size=2)
+    settings["training"].update(gradient_accumulation_steps=2, checkpoint_every_steps=1)
+    settings["embeddings"].update(batch_size=2, checkpoint_every=2)
+    for section, values in overrides.items():
+        settings[section].update(values)
+    return settings
+
+
+def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tiny_random, tmp_path, monkeypatch,
+                                                            caplog):
+    settings = run_settings()
+    train, val = utterance_files / "train.json", utterance_files / "val.json"
+    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
+
+    # 8 utterances, batch 2, accumulation 2: 2 optimizer steps per epoch, 4 in all; run_batch also
+    # serves the one validation batch per epoch. Call 8 is the third batch of epoch 2, right after
+    # its first optimizer step (step 3) and that step's checkpoint.
+    monkeypatch.setattr(asr, "run_batch", crash_after(7, asr.run_batch))
+    with pytest.raises(Crash):
+        asr.train(train, val, str(tiny_random), tmp_path / "b", tmp_path / "work_b", copy.deepcopy(settings))
+    assert (tmp_path / "work_b" / "resume.pt").exists()
+    assert not (tmp_path / "b").exists()  # nothing half-written where the output belongs
+    monkeypatch.undo()
+    with caplog.at_level(logging.INFO, logger="training"):
+        record = asr.train(train, val, str(tiny_random), tmp_path / "b", tmp_path / "work_b", copy.deepcopy(settings))
+    assert "resuming from" in caplog.text and "epoch 2, step 3" in caplog.text
+    assert record["history"][-1]["step"] == 4
+
+    for k in range(3):
+        a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "b" / f"expert_{k}" / "adapter_model.safetensors")
+        for name in a:
+            np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+    gate_a, _ = read_gate_file(tmp_path / "a" / "gate.pt")
+    gate_b, _ = read_gate_file(tmp_path / "b" / "gate.pt")
+    for (name, pa), pb in zip(gate_a.state_dict().items(), gate_b.state_dict().values(), strict=True):
+        np.testing.assert_allclose(pa.numpy(), pb.numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_path, monkeypatch):
+    settings = run_settings()
+    utts = utterance_files / "train.json"
+    embeddings.extract(utts, str(tiny_random), tmp_path / "a", tmp_path / "work_a", settings)
+
+    monkeypatch.setattr(embeddings, "load_audio", crash_after(5, embeddings.load_audio))
+    with pytest.raises(Crash):
+        embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
+    assert not (tmp_path / "b" / "mapping.json").exists()
+    monkeypatch.undo()
+    # Two batches of two were saved before the crash: the rerun decodes only the other four clips.
+    counted = crash_after(10**6, embeddings.load_audio)
+    calls = []
+    monkeypatch.setattr(embeddings, "load_audio", lambda path: calls.append(path) or counted(path))
+    embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
+    assert len(calls) == 4
+    a, b = np.load(tmp_path / "a" / "embeddings.npy"), np.load(tmp_path / "b" / "embeddings.npy")
+    assert a.dtype == np.float16 and a.shape == (8, 64)
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
+    assert not (tmp_path / "work_b").exists()  # partial rows are removed once the output is complete
