@@ -72,8 +72,9 @@ def write_runs(workdir: Path, runs: dict) -> None:
 def finished_run(tmp_path_factory) -> Path:
     """One real run of the whole pipeline (tiny corpus, tiny random Whisper)."""
     workdir = tmp_path_factory.mktemp("workflow")
-    write_runs(workdir, {"t": TEST_RUN})
-    snakemake(workdir, "--profile", str(REPO / "profiles" / "cpu"), "results/t/eval/metrics.json")
+    write_runs(workdir, {"t": TEST_RUN, "plain": {**TEST_RUN, "skip_pretraining": True, "num_experts": 3}})
+    snakemake(workdir, "--profile", str(REPO / "profiles" / "cpu"), "results/t/eval/metrics.json",
+              "results/plain/eval/metrics.json")
     return workdir
 
 
@@ -128,9 +129,30 @@ def test_end_to_end_outputs(finished_run):
     assert (run / "cluster_plot.png").stat().st_size > 0 and (run / "gating_metrics.png").stat().st_size > 0
     report = json.loads((run / "data_report.json").read_text())
     assert set(report) == {"Train", "Dev"}
+    # Embeddings are stored compactly: one float16 row of d_model values per utterance.
+    matrix = np.load(run / "embeddings" / "embeddings.npy")
+    assert matrix.dtype == np.float16 and matrix.shape == (14, mapping["dim"])
     for rule in ("embeddings", "clustering", "gating", "asr", "eval"):
         assert (run / "logs" / f"{rule}.log").exists()
         assert (run / "benchmarks" / f"{rule}.tsv").exists()
+
+
+def test_validation_speakers_are_not_training_speakers(finished_run):
+    data = finished_run / "results" / "t" / "data"
+    speakers = {name: {u["speaker"] for u in json.loads((data / f"{name}.json").read_text())}
+                for name in ("embedding", "expert", "asr_train", "asr_val")}
+    assert speakers["asr_val"]
+    for name in ("embedding", "expert", "asr_train"):
+        assert not speakers[name] & speakers["asr_val"], name
+
+
+def test_skip_pretraining_run_trains_from_random_init(finished_run):
+    run = finished_run / "results" / "plain"
+    assert not (run / "embeddings").exists() and not (run / "gating.pt").exists()
+    record = json.loads((run / "asr_best" / "training.json").read_text())
+    assert record["pretrained"] is False
+    assert json.loads((run / "asr_best" / "moe_config.json").read_text())["num_experts"] == 3
+    assert json.loads((run / "eval" / "metrics.json").read_text())["overall"]["n"] == 6
 
 
 def test_joint_training_moves_exactly_the_routed_experts(finished_run):
