@@ -13,7 +13,9 @@ from workflow_scripts.base_model import resolve_base_model  # noqa: E402
 from workflow_scripts.settings import resolve_run, stage_settings  # noqa: E402
 
 
-validate(config, "../config/schema.yaml")
+# No defaults filled in here: resolve_run applies them beneath the profile's hardware file, which
+# explicit defaults inside each run entry would otherwise override.
+validate(config, "../config/schema.yaml", set_default=False)
 
 # Stages run as `python -m workflow_scripts.<stage>`: `python` is the interpreter that runs Snakemake
 # (the project venv) unless --use-conda activates envs/moe_whisper.yaml, and the package is found
