@@ -34,6 +34,8 @@ rule cluster_plot:
         report("results/{run}/cluster_plot.png", caption="../config/report_cluster_plot.rst"),
     log:
         "results/{run}/logs/cluster_plot.log",
+    benchmark:
+        "results/{run}/benchmarks/cluster_plot.tsv"
     params:
         settings=lambda w: settings_json(w.run, "clustering"),
     conda:

@@ -64,6 +64,8 @@ rule experts_manifest:
         "results/{run}/experts/manifest.json",
     log:
         "results/{run}/logs/experts_manifest.log",
+    benchmark:
+        "results/{run}/benchmarks/experts_manifest.tsv"
     conda:
         CONDA_ENV
     threads: 1

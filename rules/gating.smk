@@ -32,6 +32,8 @@ rule gating_plot:
         report("results/{run}/gating_metrics.png", caption="../config/report_gating_plot.rst"),
     log:
         "results/{run}/logs/gating_plot.log",
+    benchmark:
+        "results/{run}/benchmarks/gating_plot.tsv"
     conda:
         CONDA_ENV
     threads: 1
