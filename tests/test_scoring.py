@@ -10,8 +10,11 @@ from workflow_scripts.scoring import normalize, score_corpus, score_utterance, t
 
 def test_markup_gives_two_references():
     raw = "Please (p-) put [laughter] the {g: blue} cup (cs: over there) on ~A shelf."
-    assert normalize(raw, keep_disfluencies=True) == "please p put the blue cup on a shelf"
+    # Caregiver speech counts like other parenthesised content (SAP challenge kit): ref1 only.
+    assert normalize(raw, keep_disfluencies=True) == "please p put the blue cup over there on a shelf"
     assert normalize(raw, keep_disfluencies=False) == "please put the blue cup on a shelf"
+    assert score_utterance(raw, "please put the blue cup over there on a shelf")["wer"] == pytest.approx(1 / 11)
+    assert score_utterance(raw, "please put the blue cup on a shelf")["wer"] == 0.0
 
 
 def test_unintelligible_markup_survives_normaliser_as_unk():

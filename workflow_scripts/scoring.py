@@ -16,9 +16,10 @@ Scoring rule (as in the SAP challenge evaluation kit):
   not clipped) and add nothing to the denominator, as in the kit. Where a rate has a zero denominator,
   it is reported as 0.0 with no errors and 1.0 otherwise, so JSON never holds inf/NaN.
 
-Deliberate difference from the kit: ``(cs: ...)`` / ``(ss: ...)`` (speech by a caregiver or another
-speaker) is removed from both references, because the model should transcribe the participant only;
-the kit keeps the text after the label.
+``(cs: ...)`` / ``(ss: ...)`` (speech by a caregiver or another speaker) is parenthesised content like
+any other, as in the kit: ref1 keeps its words (label stripped), ref2 drops them, so a hypothesis is
+not penalised for transcribing audible caregiver speech or for leaving it out. Training targets
+(:func:`training_text`) leave it out: the model should learn the participant's words.
 
 CLI: ``python -m workflow_scripts.scoring PAIRS.tsv`` prints
 ``{"overall": {"wer", "cer", "n"}, "per_etiology": {...}}`` for a tab-separated file with header columns
@@ -85,7 +86,6 @@ def _braces(text: str, unk_words: bool) -> str:
 
 
 def _strip_common_markup(text: str, unk_words: bool) -> str:
-    text = _OTHER_SPEAKER.sub(" ", text)
     text = _TAG.sub(" ", text)
     text = _braces(text, unk_words)
     return _SPELLED.sub(r"\1", text)
@@ -120,7 +120,7 @@ def training_text(transcript: str) -> str:
     ``{g: w}`` -> w, tags and other speakers' speech removed, ``{u: ...}`` / ``{w: N}`` removed (the
     model cannot learn words nobody could hear), ``(uh)`` -> ``uh``, ``~J`` -> ``J``.
     """
-    text = _strip_common_markup(transcript, unk_words=False)
+    text = _OTHER_SPEAKER.sub(" ", _strip_common_markup(transcript, unk_words=False))
     text = _PAREN.sub(lambda m: f" {_strip_label(m.group(1))} ", text)
     text = re.sub(r"[()\[\]{}]", " ", text)
     text = " ".join(text.split())
