@@ -39,7 +39,7 @@ TEST_RUN = {
     "lora": {"r": 4, "alpha": 8},
     "experts": {"epochs": 1, "batch_size": 4},
     "asr": {"epochs": 1, "batch_size": 4},
-    "eval": {"batch_size": 6},
+    "eval": {"batch_size": 6, "baseline": True},
 }
 
 
@@ -119,6 +119,8 @@ def test_end_to_end_outputs(finished_run):
     assert metrics["overall"]["n"] == 6
     assert sum(v["n"] for v in metrics["per_etiology"].values()) == 6
     assert sum(sum(c.values()) for c in metrics["expert_usage"].values()) == 6
+    assert metrics["baseline"]["overall"]["n"] == 6 and set(metrics["baseline"]["per_etiology"]) == \
+        set(metrics["per_etiology"])
     header = (run / "eval" / "per_utterance.tsv").read_text().splitlines()[0].split("\t")
     assert header == ["id", "speaker", "etiology", "expert", "reference", "hypothesis", "wer"]
     labels = np.load(run / "cluster_labels.npy")

@@ -32,8 +32,13 @@ TSV_COLUMNS = ("id", "speaker", "etiology", "expert", "reference", "hypothesis",
 
 
 @torch.no_grad()
-def decode(moe: MoEWhisper, processor, utts, pooling: str, batch_size: int, device) -> list[tuple[int, str]]:
-    """(expert, hypothesis) per utterance; the gate's routing weight is applied as in training."""
+def decode(moe: MoEWhisper, processor, utts, pooling: str, batch_size: int, device,
+           baseline: bool = False) -> list[tuple[int, str, str | None]]:
+    """(expert, hypothesis, base-model hypothesis or None) per utterance.
+
+    The gate's routing weight is applied as in training; the baseline is the frozen base model
+    alone (routing off), decoded on the same features.
+    """
     out = []
     for begin in range(0, len(utts), batch_size):
         batch = utts[begin:begin + batch_size]
@@ -42,9 +47,12 @@ def decode(moe: MoEWhisper, processor, utts, pooling: str, batch_size: int, devi
         feats = input_features(processor, audios).to(device)
         emb = pooled_embeddings(moe.base, feats, lengths, pooling=pooling).float()
         experts = moe.route(emb).expert_idx.tolist()
-        ids = moe.generate(feats, gate_inputs=emb, **generate_kwargs(moe.base, lengths))
-        texts = processor.batch_decode(ids, skip_special_tokens=True)
-        out.extend(zip(experts, (t.strip() for t in texts), strict=True))
+        kwargs = generate_kwargs(moe.base, lengths)
+        texts = processor.batch_decode(moe.generate(feats, gate_inputs=emb, **kwargs), skip_special_tokens=True)
+        base_texts = [None] * len(batch)
+        if baseline:
+            base_texts = processor.batch_decode(moe.base.generate(feats, **kwargs), skip_special_tokens=True)
+        out.extend(zip(experts, (t.strip() for t in texts), (b and b.strip() for b in base_texts), strict=True))
         log.info("decoded %d / %d", begin + len(batch), len(utts))
     return out
 
@@ -56,17 +64,18 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
     moe = MoEWhisper.from_pretrained(model_dir, base).to(device).eval()
     utts = read_utterances(utterances)
     start = time.perf_counter()
-    decoded = decode(moe, processor, utts, record["pooling"], settings["eval"]["batch_size"], device)
+    cfg = settings["eval"]
+    decoded = decode(moe, processor, utts, record["pooling"], cfg["batch_size"], device, baseline=cfg["baseline"])
     seconds = time.perf_counter() - start
 
     usage: dict[str, Counter] = defaultdict(Counter)
     rows = []
-    for u, (expert, hyp) in zip(utts, decoded, strict=True):
+    for u, (expert, hyp, _) in zip(utts, decoded, strict=True):
         usage[u.etiology][str(expert)] += 1
         rows.append({"id": u.id, "speaker": u.speaker, "etiology": u.etiology, "expert": expert,
                      "reference": u.transcript, "hypothesis": hyp,
                      "wer": round(score_utterance(u.transcript, hyp)["wer"], 4)})
-    scores = score_corpus((u.transcript, hyp, u.etiology) for u, (_, hyp) in zip(utts, decoded, strict=True))
+    scores = score_corpus((u.transcript, hyp, u.etiology) for u, (_, hyp, _) in zip(utts, decoded, strict=True))
     metrics = {
         **scores,
         "expert_usage": {eti: dict(sorted(c.items())) for eti, c in sorted(usage.items())},
@@ -75,6 +84,10 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
         "base_model": base_model,
         "decode_seconds": round(seconds, 2),
     }
+    if cfg["baseline"]:
+        # Zero-shot base model on the same utterances: what the experts gained (or lost) per etiology.
+        metrics["baseline"] = score_corpus((u.transcript, base, u.etiology)
+                                           for u, (_, _, base) in zip(utts, decoded, strict=True))
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / ".per_utterance.tsv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -83,7 +96,8 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
         writer.writerows(rows)
     os.replace(tmp, out_dir / "per_utterance.tsv")
     write_json_atomic(out_dir / "metrics.json", metrics)
-    print(json.dumps({k: metrics[k] for k in ("overall", "per_etiology", "expert_usage")}, indent=2))
+    print(json.dumps({k: metrics[k] for k in ("overall", "per_etiology", "expert_usage", "baseline") if k in metrics},
+                     indent=2))
     return metrics
 
 
