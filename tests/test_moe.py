@@ -245,3 +245,26 @@ def test_generate_routes_each_sample_to_its_expert(base):
     assert torch.equal(by_gate, moe.generate(feats, expert_idx=moe.route(emb).expert_idx, **kw))
     beams = moe.generate(feats, expert_idx=[1, 3], num_beams=2, **kw)  # batch expanded 2x inside
     assert beams.shape[0] == 2
+
+
+def test_load_balancing_undoes_a_collapsed_gate(base):
+    """A gate that sends every utterance to expert 0 (the research code's failure) spreads out under
+    joint training's load-balancing loss; without it, nothing pushes it back."""
+
+    def usage_after(balance_coef: float) -> int:
+        moe = make_moe(base, weighting="straight_through")
+        with torch.no_grad():
+            moe.gate.net[-1].bias.copy_(torch.tensor([4.0, 0.0, 0.0, 0.0]))
+        optimizer = torch.optim.SGD(moe.gate.parameters(), lr=0.5)
+        emb = torch.randn(32, EMB, generator=torch.Generator().manual_seed(5))
+        for _ in range(30):
+            routed = moe.route(emb)
+            loss = balance_coef * load_balance_loss(routed.probs, routed.expert_idx)
+            optimizer.zero_grad()
+            if loss.requires_grad:
+                loss.backward()
+                optimizer.step()
+        return len(set(moe.route(emb).expert_idx.tolist()))
+
+    assert usage_after(0.0) == 1
+    assert usage_after(1.0) > 1

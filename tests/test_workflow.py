@@ -119,6 +119,8 @@ def test_end_to_end_outputs(finished_run):
     assert metrics["overall"]["n"] == 6
     assert sum(v["n"] for v in metrics["per_etiology"].values()) == 6
     assert sum(sum(c.values()) for c in metrics["expert_usage"].values()) == 6
+    # Dev utterances are spread over the experts, not all sent to one.
+    assert metrics["experts_used"] == metrics["num_experts"] == 2
     assert metrics["baseline"]["overall"]["n"] == 6 and set(metrics["baseline"]["per_etiology"]) == \
         set(metrics["per_etiology"])
     header = (run / "eval" / "per_utterance.tsv").read_text().splitlines()[0].split("\t")
