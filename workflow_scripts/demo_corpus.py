@@ -33,7 +33,7 @@ from workflow_scripts.espeak import SAMPLE_RATE, Voice, synthesize
 
 ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
 # Per size and etiology: (Train speakers, utterances each, Dev speakers, utterances each).
-SIZES = {"tiny": (2, 4, 1, 2), "small": (3, 20, 1, 20), "medium": (5, 80, 2, 30)}
+SIZES = {"tiny": (3, 3, 1, 2), "small": (3, 20, 1, 20), "medium": (5, 80, 2, 30)}
 VOICES = ("en-us", "en", "en-us+f3", "en-us+m3", "en-GB-x-rp", "en-GB-scotland+f2", "en-us+f2", "en-029")
 MAX_DURATION_S = 8.0  # quick runs use a 10 s encoder window; longer clips would be skipped there
 DEV_UNSEEN = 0.85  # share of Dev prompts never used in Train, so Dev WER measures generalisation
