@@ -52,7 +52,7 @@ PROFILES: dict[str, dict[str, tuple[float, float]]] = {
     "Cerebral Palsy": {"rate": (125, 145), "pitch": (40, 60), "range": (60, 90), "jitter": (0.4, 0.5),
                        "pause_p": (0.25, 0.35), "pause_ms": (300, 600), "break_p": (0.3, 0.4),
                        "snr": (20, 24)},
-    "Down Syndrome": {"rate": (200, 220), "pitch": (60, 75), "range": (40, 60), "lowpass": (5000, 6000),
+    "Down Syndrome": {"rate": (185, 205), "pitch": (60, 75), "range": (40, 60), "lowpass": (5500, 6500),
                       "snr": (20, 25)},
     "Stroke": {"rate": (120, 135), "pitch": (30, 50), "range": (20, 40), "gap": (8, 14), "gain": (-12, -8),
                "snr": (12, 15)},
