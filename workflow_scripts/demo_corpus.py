@@ -37,6 +37,9 @@ SIZES = {"tiny": (3, 3, 1, 2), "small": (3, 20, 1, 20), "medium": (5, 80, 2, 30)
 VOICES = ("en-us", "en", "en-us+f3", "en-us+m3", "en-GB-x-rp", "en-GB-scotland+f2", "en-us+f2", "en-029")
 MAX_DURATION_S = 8.0  # quick runs use a 10 s encoder window; longer clips would be skipped there
 DEV_UNSEEN = 0.85  # share of Dev prompts never used in Train, so Dev WER measures generalisation
+# Share of Dev prompts from templates no Train speaker reads: new fillings of known templates alone
+# let a LoRA learn the template grammar (demo run: Dev WER 43 % -> 0.9 %), which is not generalisation.
+DEV_NEW_TEMPLATE = 0.5
 
 # Degradation per etiology: each value is a (low, high) range; a speaker draws one value from each.
 # rate: espeak words/minute; pitch/range: espeak 0-100; gap: espeak word gap (10 ms units); gain: dB;
@@ -95,6 +98,15 @@ TEMPLATES = [
     ("Novel Sentences", "Novel Sentences", "Please put the {x} next to the {y}."),
     ("Novel Sentences", "Novel Sentences", "The {x} was too {a} to carry home."),
 ]
+# Read by Dev speakers only (see DEV_NEW_TEMPLATE).
+DEV_ONLY_TEMPLATES = [
+    ("Digital Assistant Commands", "Smart Home", "Dim the {r} lights to {n} percent."),
+    ("Digital Assistant Commands", "Information", "Find a {p} near {city}."),
+    ("Digital Assistant Commands", "Communication", "Text {name} that I will be home soon."),
+    ("Novel Sentences", "Novel Sentences", "Nobody expected the {x} to be so {a}."),
+    ("Novel Sentences", "Novel Sentences", "Under the {p} we saw a {a} {x}."),
+]
+ALL_TEMPLATES = TEMPLATES + DEV_ONLY_TEMPLATES
 CATEGORY_SHARE = {"Digital Assistant Commands": 0.6, "Novel Sentences": 0.4}
 
 
@@ -132,14 +144,15 @@ def speaker_id(seed: int, etiology: str, split: str, k: int) -> str:
 
 
 class _Prompts:
-    """Draws prompts: a seed-dependent sixth of each template's fillings is reserved for Dev."""
+    """Draws prompts: a seed-dependent sixth of each template's fillings, and the Dev-only templates,
+    are reserved for Dev."""
 
     def __init__(self, rng: np.random.Generator):
         self.rng, self.train, self.dev, self.next, self.used = rng, [], [], [], []
-        for _, _, template in TEMPLATES:
+        for t, (_, _, template) in enumerate(ALL_TEMPLATES):
             fills = template_fills(template)
             fills = [fills[i] for i in rng.permutation(len(fills))]
-            cut = max(1, len(fills) // 6)
+            cut = max(1, len(fills) // 6) if t < len(TEMPLATES) else len(fills)
             self.dev.append(fills[:cut])
             self.train.append(fills[cut:])
             self.next.append(0)
@@ -148,7 +161,11 @@ class _Prompts:
         if split != "Train" and self.used and self.rng.random() > DEV_UNSEEN:
             return self.used[int(self.rng.integers(len(self.used)))]  # a prompt Train speakers also read
         cat = list(CATEGORY_SHARE)[int(self.rng.random() > CATEGORY_SHARE["Digital Assistant Commands"])]
-        ids = [i for i, t in enumerate(TEMPLATES) if t[0] == cat]
+        pool = TEMPLATES
+        if split != "Train" and self.rng.random() < DEV_NEW_TEMPLATE:
+            pool = DEV_ONLY_TEMPLATES
+        offset = len(TEMPLATES) if pool is DEV_ONLY_TEMPLATES else 0
+        ids = [offset + i for i, t in enumerate(pool) if t[0] == cat]
         t = ids[int(self.rng.integers(len(ids)))]
         if split != "Train":
             return self.dev[t][int(self.rng.integers(len(self.dev[t])))], t
@@ -182,8 +199,8 @@ def plan_corpus(size: str, seed: int) -> tuple[list[dict[str, Any]], list[dict[s
                     if n % 8 == 3:  # a few transcripts carry markup (~20 % do in real SAP data)
                         transcript, spoken = _markup(text, (n // 8) % 3, rng)
                     created = base + dt.timedelta(minutes=int(n * 7 + rng.integers(0, 5)))
-                    utts.append({"speaker": spk["id"], "split": split, "prompt": text,
-                                 "category": TEMPLATES[t][0], "sub": TEMPLATES[t][1],
+                    utts.append({"speaker": spk["id"], "split": split, "prompt": text, "template": t,
+                                 "category": ALL_TEMPLATES[t][0], "sub": ALL_TEMPLATES[t][1],
                                  "transcript": transcript, "spoken": spoken,
                                  "filename": f"{spk['id']}_{1000 + t}_{j + 1}_16kHz.wav",
                                  "created": created.strftime("%Y-%m-%d %H:%M:%S"),
@@ -276,7 +293,8 @@ def render_readme(info: dict[str, Any]) -> str:
     d = info["duration_s"]
     lines += ["", f"Clip length {d['min']}-{d['max']} s (mean {d['mean']} s; {d['over_max']} over "
               f"{MAX_DURATION_S:g} s). "
-              f"Dev prompts unseen in Train: {info['dev_unseen_pct']} %.",
+              f"Dev prompts unseen in Train: {info['dev_unseen_pct']} %; from templates no Train speaker reads: "
+              f"{info['dev_new_template_pct']} %.",
               "", "## Degradation ranges per etiology (each speaker draws one value per range)", ""]
     lines += [f"- **{e}**: " + ", ".join(f"{k} {lo:g} to {hi:g}" for k, (lo, hi) in sorted(p.items()))
               for e in ETIOLOGIES for p in [info["profiles"][e]]]
@@ -338,6 +356,7 @@ def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwr
                                "mean": round(float(np.mean(durations)), 2),
                                "over_max": len(over)},
                 "dev_unseen_pct": round(100 * sum(u["prompt"] not in seen for u in dev) / len(dev), 1),
+                "dev_new_template_pct": round(100 * sum(u["template"] >= len(TEMPLATES) for u in dev) / len(dev), 1),
                 "zero_shot_wer": zero_shot_wer or {}}
         _write_info(tmp, info)
         if out.exists():
