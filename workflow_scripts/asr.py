@@ -19,7 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import shutil
 from pathlib import Path
 
 import torch
@@ -27,13 +26,14 @@ from transformers import get_linear_schedule_with_warmup
 
 from workflow_scripts.moe import GateMLP, MoEWhisper, read_gate_file
 from workflow_scripts.sap_data import read_utterances
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import (
     autocast,
     load_base,
     load_resume,
     make_loader,
     pick_device,
+    publish_best,
     save_resume,
     seed_everything,
     use_fp16,
@@ -190,19 +190,8 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     record = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
               "pretrained": gating is not None, "best_val_loss": best if math.isfinite(best) else None,
               "n_train": len(train_utts), "n_val": len(val_utts), "history": history, "settings": settings}
-    publish(best_dir, out, processor, record)
+    publish_best(best_dir, out, record, processor)
     return record
-
-
-def publish(best_dir: Path, out: Path, processor, record: dict) -> None:
-    """asr_best = adapters + gate + MoE config + processor + training record, in one rename."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best_dir, tmp)
-    processor.save_pretrained(tmp)
-    write_json_atomic(tmp / "training.json", record)
-    shutil.rmtree(out, ignore_errors=True)
-    tmp.rename(out)
 
 
 def main(argv: list[str] | None = None) -> None:

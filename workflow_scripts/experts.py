@@ -19,8 +19,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -38,6 +36,7 @@ from workflow_scripts.training import (
     load_resume,
     make_loader,
     pick_device,
+    publish_best,
     save_resume,
     seed_everything,
     use_fp16,
@@ -133,7 +132,7 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
         model.save_pretrained(best_dir)
     else:
         metrics = _fit(model, processor, train_utts, val_utts, settings, work_dir, device, fp16, metrics)
-    _publish(best_dir, out, metrics)
+    publish_best(best_dir, out, metrics)
     return metrics
 
 
@@ -206,16 +205,6 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
         model.save_pretrained(best_dir)
     metrics["best_val_loss"] = best if math.isfinite(best) else None
     return metrics
-
-
-def _publish(best_dir: Path, out: Path, metrics: dict) -> None:
-    """Copy the best adapter to the declared output in one rename, with its training record."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best_dir, tmp)
-    write_json_atomic(tmp / "training.json", metrics)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
 
 
 def manifest(expert_dirs: list[Path], out: Path) -> dict:

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import os
 import random
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -20,6 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from workflow_scripts.base_model import POSITIONS_PER_SECOND, load_whisper, set_encoder_window
 from workflow_scripts.sap_data import Utterance, load_audio
 from workflow_scripts.scoring import training_text
+from workflow_scripts.settings import write_json_atomic
 from workflow_scripts.whisper_io import input_features, label_ids
 
 log = logging.getLogger("training")
@@ -137,3 +139,16 @@ def load_resume(path: Path, fingerprint: str) -> dict | None:
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
+
+
+def publish_best(best_dir: Path, out: Path, record: dict, processor=None) -> None:
+    """Copy the best checkpoint to the declared output with its training record (and processor), in
+    one rename, so a crash never leaves a half-written output that looks complete."""
+    tmp = out.with_name(f".{out.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(best_dir, tmp)
+    if processor is not None:
+        processor.save_pretrained(tmp)
+    write_json_atomic(tmp / "training.json", record)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
