@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 CORES ?= 2
 
-.PHONY: setup quick test lint dag clean
+.PHONY: setup quick compare test lint dag clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,10 @@ $(STAMP): pyproject.toml
 
 quick: setup
 	.venv/bin/snakemake --cores $(CORES) --profile profiles/cpu results/quick/eval/metrics.json
+
+# The quick run's matched controls (one LoRA, random/oracle routing, zero-shot): results/quick/compare/report.md
+compare: setup
+	.venv/bin/snakemake --cores $(CORES) --profile profiles/cpu results/quick/compare/report.md
 
 test: setup
 	.venv/bin/pytest -q tests

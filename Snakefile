@@ -26,6 +26,7 @@ include: "rules/gating.smk"
 include: "rules/experts.smk"
 include: "rules/asr.smk"
 include: "rules/eval.smk"
+include: "rules/compare.smk"
 
 
 rule all:

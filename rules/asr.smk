@@ -18,7 +18,7 @@ rule asr:
         pretrained=pretrained_flags,
         # Resume checkpoints live outside the declared output, which Snakemake deletes on rerun.
         work_dir="results/{run}/_work/asr",
-        settings=lambda w: settings_json(w.run, "lora", "asr", "training"),
+        settings=lambda w: settings_json(w.run, "lora", "asr", "training", "embeddings"),
     conda:
         CONDA_ENV
     threads: 2

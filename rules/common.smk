@@ -10,6 +10,7 @@ from snakemake.utils import validate
 sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.base_model import resolve_base_model  # noqa: E402
+from workflow_scripts.variants import TRAINED as COMPARE_TRAINED, VARIANTS as COMPARE_VARIANTS, variants_of  # noqa: E402
 from workflow_scripts.settings import resolve_run, stage_settings  # noqa: E402
 
 
@@ -98,3 +99,36 @@ def pretrained_flags(wildcards, input):
     """CLI flags for the pretrained gate/experts, empty when the run skips pretraining."""
     names = ("gating", "experts", "assignment")
     return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())
+
+
+def compare_variants(run):
+    return variants_of(run_settings(run))
+
+
+def compare_train_inputs(wildcards):
+    """What a control trains from beyond the run's samples: the mixture's K, its pretrained experts
+    (random routing), its utterance passes (same steps)."""
+    run, variant = wildcards.run, wildcards.variant
+    inputs = {}
+    if not skip_pretraining(run) and variant in ("lora_same_params", "lora_same_steps", "moe_random_routing"):
+        inputs["clusters"] = f"results/{run}/clusters.json"
+    if not skip_pretraining(run) and variant == "moe_random_routing":
+        inputs["gating"] = f"results/{run}/gating.pt"
+        inputs["experts"] = f"results/{run}/experts/manifest.json"
+    if variant == "lora_same_steps":
+        inputs["mixture"] = f"results/{run}/asr_best"
+    return inputs
+
+
+def compare_train_flags(wildcards, input):
+    names = ("clusters", "gating", "experts", "mixture")
+    return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())
+
+
+def compare_eval_inputs(wildcards):
+    run, variant = wildcards.run, wildcards.variant
+    if variant == "zero_shot":
+        return {}
+    if variant in ("moe", "moe_speaker_routing"):
+        return {"model": f"results/{run}/asr_best"}
+    return {"model": f"results/{run}/compare/{variant}/model"}

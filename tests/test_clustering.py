@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from workflow_scripts import cluster_balance
 from workflow_scripts import clustering as C
 
 ETIS = ("ALS", "Parkinson's Disease", "Stroke")
@@ -64,7 +65,7 @@ def test_labels_ordered_by_size_largest_first() -> None:
 def test_noise_points_go_to_nearest_cluster() -> None:
     z = np.array([[0, 0], [0, 1], [1, 0], [10, 0], [10, 1], [9, 1], [8.5, 3], [1, -2]], dtype=float)
     labels = np.array([0, 0, 0, 1, 1, 1, -1, -1])
-    out, n = C.reassign_noise(z, labels)
+    out, n = cluster_balance.reassign_noise(z, labels)
     assert n == 2 and out.tolist() == [0, 0, 0, 1, 1, 1, 1, 0]
 
 
@@ -182,3 +183,119 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
                 "--settings", json.dumps(bad_settings)])  # fmt: skip
     assert exit_info.value.code == 2 and "reduce_experts is false" in capsys.readouterr().err
     assert not (out / "l.npy").exists() and not (out / "s.json").exists()
+
+
+def speakers_reading_prompts(seed: int = 0) -> tuple[np.ndarray, list[str], list[str]]:
+    """12 speakers of 3 etiologies, each reading the same 4 prompts.
+
+    What is said (4 prompt centres) moves an embedding far more than who says it (3 etiology
+    offsets, a small per-speaker one): utterances cluster by prompt, speaker means by etiology.
+    """
+    rng = np.random.default_rng(seed)
+    dim = 32
+    prompts = rng.normal(scale=6.0, size=(4, dim))
+    etiology_offsets = rng.normal(scale=2.0, size=(3, dim))
+    rows, speakers, etis = [], [], []
+    for s in range(12):
+        voice = etiology_offsets[s % 3] + rng.normal(scale=0.3, size=dim)
+        for p in range(4):
+            for _ in range(2):
+                rows.append(prompts[p] + voice + rng.normal(scale=0.3, size=dim))
+                speakers.append(f"spk{s}")
+                etis.append(ETIS[s % 3])
+    return np.array(rows), speakers, etis
+
+
+def test_speaker_level_routes_on_the_speaker_not_the_prompt() -> None:
+    x, speakers, etis = speakers_reading_prompts()
+    summaries = {}
+    for level in ("utterance", "speaker"):
+        cfg, k, seed = C.resolve_settings({"num_experts": 3, "clustering": {"algorithm": "kmeans", "level": level}})
+        labels, info, reduced = C.cluster_embeddings(x.astype(np.float32), cfg, k, seed, speakers)
+        summaries[level] = C.build_summary(labels, info, etis, reduced)
+    by_speaker: dict[str, set[int]] = {}
+    for spk, lab in zip(speakers, labels.tolist(), strict=True):
+        by_speaker.setdefault(spk, set()).add(lab)
+    assert all(len(labs) == 1 for labs in by_speaker.values())  # one expert per speaker
+    speaker, utterance = summaries["speaker"], summaries["utterance"]
+    assert speaker["level"] == "speaker" and speaker["n_units"] == 12 and utterance["n_units"] == 96
+    assert speaker["nmi_etiology"] == 1.0 and speaker["ari_etiology"] == 1.0
+    assert utterance["nmi_etiology"] < 0.2  # utterances grouped by what was said
+
+
+def test_speaker_level_needs_speakers() -> None:
+    x, _, _ = speakers_reading_prompts()
+    cfg, k, seed = C.resolve_settings({"num_experts": 3, "clustering": {"level": "speaker"}})
+    with pytest.raises(C.ClusteringError, match="level: speaker needs the speaker"):
+        C.cluster_embeddings(x, cfg, k, seed)
+
+
+def test_kmeans_gives_exactly_num_experts_clusters() -> None:
+    x, _ = blobs(k=2)  # two natural groups, four experts asked for
+    labels, summary = run(x, num_experts=4, algorithm="kmeans")
+    assert sorted(set(labels.tolist())) == [0, 1, 2, 3] and summary["num_clusters"] == 4
+    assert summary["algorithm_used"] == "kmeans"
+    few, _ = run(x[:3], num_experts=4, algorithm="kmeans", reduce="none")  # capped by the number of units
+    assert sorted(set(few.tolist())) == [0, 1, 2]
+
+
+def test_max_cluster_share_caps_the_largest_cluster() -> None:
+    x, y = blobs(n_per=80, k=4)
+    keep = np.concatenate([np.flatnonzero(y == 0), np.flatnonzero(y == 1)[:10], np.flatnonzero(y == 2)[:5],
+                           np.flatnonzero(y == 3)[:5]])  # 80 / 10 / 5 / 5
+    uncapped, before = run(x[keep], num_experts=4, algorithm="kmeans")
+    assert before["sizes"] == [80, 10, 5, 5] and before["capped_moves"] == 0
+    labels, summary = run(x[keep], num_experts=4, algorithm="kmeans", max_cluster_share=0.3)
+    assert max(summary["sizes"]) == 30 and sum(summary["sizes"]) == 100
+    assert summary["capped_moves"] == 50 and summary["unit_sizes"] == summary["sizes"]
+    assert sorted(summary["unit_sizes_before_cap"], reverse=True) == [80, 10, 5, 5]
+    moved = labels != uncapped
+    assert moved.sum() == 50 and (y[keep][moved] == 0).all()  # only the oversize cluster gave units away
+
+
+def test_cap_moves_the_cheapest_units_to_the_nearest_cluster_with_room() -> None:
+    z = np.array([[0.0], [1], [2], [3], [4], [5], [10], [-10]])
+    labels = np.array([0, 0, 0, 0, 0, 0, 1, 2])
+    out, moves = cluster_balance.cap_cluster_share(z, labels, 0.5)  # at most ceil(4.0) = 4 units
+    # 5 then 4 are the cheapest to move (towards 10); cluster 2 at -10 has room but is farther for both.
+    assert moves == 2 and out.tolist() == [0, 0, 0, 0, 1, 1, 1, 2]
+    assert cluster_balance.max_units(0.1, 30) == 3  # not 4 from 0.1 * 30 = 3.0000000000000004
+
+
+def test_impossible_share_names_the_key_and_the_smallest_value() -> None:
+    with pytest.raises(C.ClusteringError, match=r"max_cluster_share=0.2 is impossible.*smallest allowed value .* 0.25"):
+        C.resolve_settings({"num_experts": 4, "clustering": {"max_cluster_share": 0.2}})
+    with pytest.raises(C.ClusteringError, match=r"max_cluster_share=0: give a number in \(0, 1\]"):
+        C.resolve_settings({"num_experts": 4, "clustering": {"max_cluster_share": 0}})
+    # Allowed for 3 experts, but HDBSCAN finds only 2 clusters: the cap cannot be met.
+    x, _ = blobs(k=2)
+    with pytest.raises(C.ClusteringError, match=r"2 clusters were found.*1/2 = 0.5"):
+        run(x, num_experts=3, max_cluster_share=0.4, min_experts=2)
+
+
+def test_nmi_and_ari_against_etiology() -> None:
+    etis = [ETIS[i % 3] for i in range(30)]
+    same = np.array([i % 3 for i in range(30)])
+    z = np.random.default_rng(0).normal(size=(30, 2))
+    summary = C.build_summary(same, {}, etis, z)
+    assert summary["nmi_etiology"] == pytest.approx(1.0) and summary["ari_etiology"] == pytest.approx(1.0)
+    # Each etiology split evenly over two clusters: the clusters say nothing about etiology.
+    other = C.build_summary(np.array([(i // 3) % 2 for i in range(30)]), {}, etis, z)
+    assert other["nmi_etiology"] == pytest.approx(0.0, abs=1e-9) and other["ari_etiology"] <= 0
+
+
+def test_cli_speaker_level_and_plot(tmp_path: Path) -> None:
+    x, _ = blobs(n_per=10)
+    write_embeddings(tmp_path / "embeddings", x)  # 5 speakers
+    settings = {"seed": 0, "num_experts": 2, "clustering": {"level": "speaker", "algorithm": "kmeans",
+                                                             "plot_method": "pca"}}
+    summary = C.run_cluster(str(tmp_path / "embeddings"), str(tmp_path / "labels.npy"), str(tmp_path / "c.json"),
+                            settings)
+    labels = np.load(tmp_path / "labels.npy")
+    speakers = C.row_speakers(tmp_path / "embeddings")
+    assert all(len({lab for lab, s in zip(labels, speakers, strict=True) if s == spk}) == 1 for spk in set(speakers))
+    assert summary["level"] == "speaker" and summary["n_units"] == 5 and sum(summary["unit_sizes"]) == 5
+    assert set(json.loads((tmp_path / "c.json").read_text())) >= {"level", "n_units", "nmi_etiology", "ari_etiology"}
+    C.run_plot(str(tmp_path / "embeddings"), str(tmp_path / "labels.npy"), str(tmp_path / "p.png"), settings,
+               str(tmp_path / "c.json"))
+    assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

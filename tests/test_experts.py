@@ -36,30 +36,41 @@ def settings() -> dict:
 def test_assignment_uses_cluster_labels_then_the_gate(train_utts, tiny_random, tmp_path):
     embedded, rest, val = train_utts[:6], train_utts[6:10], train_utts[10:12]
     write_utterances(tmp_path / "embedded.json", embedded)
-    embeddings.extract(tmp_path / "embedded.json", str(tiny_random), tmp_path / "emb", tmp_path / "work", settings())
+    s = settings()
+    s["embeddings"]["layer"] = 1  # routing features from a middle layer: the gate must get the same
+    embeddings.extract(tmp_path / "embedded.json", str(tiny_random), tmp_path / "emb", tmp_path / "work", s)
+    assert json.loads((tmp_path / "emb" / "mapping.json").read_text())["layer"] == 1
     labels = np.array([0, 1, 2, 0, 1, 2])
     np.save(tmp_path / "labels.npy", labels)
     torch.manual_seed(0)
     gate = GateMLP(64, 3, hidden_dim=8)
-    save_gate(gate, tmp_path / "gate.pt", extra={"pooling": "mean"})
+    record = {"pooling": "mean", "layer": 1, "base_model": str(tiny_random), "encoder_window_s": 10}
+    save_gate(gate, tmp_path / "gate.pt", extra=record)
     write_utterances(tmp_path / "expert.json", embedded + rest)
     write_utterances(tmp_path / "val.json", val)
 
-    result = experts.assign(tmp_path / "expert.json", tmp_path / "val.json", tmp_path / "emb", tmp_path / "labels.npy",
-                            tmp_path / "gate.pt", str(tiny_random), tmp_path / "assignment.json", settings())
+    def assign(gate_file):
+        return experts.assign(tmp_path / "expert.json", tmp_path / "val.json", tmp_path / "emb",
+                              tmp_path / "labels.npy", gate_file, str(tiny_random), tmp_path / "assignment.json", s)
+
+    result = assign(tmp_path / "gate.pt")
 
     assert result["source"] == {"cluster_label": 6, "gate": 6}
     by_id = {d["id"]: d["expert"] for d in result["train"] + result["val"]}
     assert [by_id[u.id] for u in embedded] == labels.tolist()
     # The others go where the gate sends their pooled embedding.
     model, processor = load_base(str(tiny_random), 10)
-    fresh = embeddings.embed_utterances(model, processor, rest + val, pooling="mean", batch_size=4,
+    fresh = embeddings.embed_utterances(model, processor, rest + val, pooling="mean", layer=1, batch_size=4,
                                         device=torch.device("cpu"))
     with torch.no_grad():
         expected = gate.eval()(torch.from_numpy(fresh)).argmax(1).tolist()
     assert [by_id[u.id] for u in rest + val] == expected
     assert json.loads((tmp_path / "assignment.json").read_text())["counts"]["train"] == \
         np.bincount([by_id[u.id] for u in embedded + rest], minlength=3).tolist()
+    # A gate trained on other features (here the last layer) would route on the wrong input: refused.
+    save_gate(gate, tmp_path / "stale.pt", extra={**record, "layer": "last"})
+    with pytest.raises(ValueError, match=r"stale.pt: .*embeddings.layer='last'.*embeddings.layer=1.*rerun the gating"):
+        assign(tmp_path / "stale.pt")
 
 
 def test_expert_without_utterances_gets_a_loadable_untrained_adapter(train_utts, tiny_random, tmp_path):

@@ -268,3 +268,49 @@ def test_load_balancing_undoes_a_collapsed_gate(base):
 
     assert usage_after(0.0) == 1
     assert usage_after(1.0) > 1
+
+
+def test_gate_dropout_never_changes_the_route(base):
+    """Dropout regularises the gate's supervised loss, but the route is chosen with it off: an utterance
+    goes to the same expert in training (train mode) and at eval."""
+    moe = make_moe(base)
+    moe.gate = GateMLP(EMB, K, hidden_dim=32, dropout=0.9)
+    emb = torch.randn(64, EMB, generator=torch.Generator().manual_seed(4))
+    moe.eval()
+    at_eval = moe.route(emb)
+    moe.train()
+    for _ in range(3):
+        in_training = moe.route(emb)
+        assert torch.equal(in_training.expert_idx, at_eval.expert_idx)
+        assert torch.equal(in_training.probs, at_eval.probs)
+    # forward() is still stochastic in training: the dropout is real, only routing ignores it.
+    assert not torch.equal(moe.gate(emb), moe.gate(emb))
+
+
+def test_shared_adapter_serves_every_routed_sample_and_round_trips(base, tmp_path):
+    moe = make_moe(base, gate=False, b_std=0.5, shared=True).train()
+    assert moe.shared_index == K
+    feats, labels = batch(3)
+    out = moe(feats, labels, expert_idx=torch.tensor([0, 0, 2]))
+    out["task_loss"].backward()
+    shared = moe.expert_parameters(K)
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in shared)
+    assert all(p.grad is None for p in moe.expert_parameters(1))  # unrouted expert: untouched
+    moe.eval()
+    with torch.no_grad():
+        with moe.routing([1]):
+            with_shared = logits(moe.base, feats[:1], labels[:1])
+        for p in moe.expert_parameters(K)[1::2]:  # B of the shared pairs
+            p.zero_()
+        with moe.routing([1]):
+            without = logits(moe.base, feats[:1], labels[:1])
+        for p in moe.expert_parameters(K)[1::2]:
+            torch.nn.init.normal_(p, std=0.5)
+    assert (with_shared - without).abs().max() > 1e-3
+    moe.save(tmp_path / "moe")
+    assert (tmp_path / "moe" / "shared" / "adapter_model.safetensors").exists()
+    again = MoEWhisper.from_pretrained(tmp_path / "moe", copy.deepcopy(base))
+    for p, q in zip(moe.expert_parameters(K), again.expert_parameters(K), strict=True):
+        assert torch.equal(p, q)
+    with pytest.raises(ValueError, match="out of range"), moe.routing([K]):
+        pass

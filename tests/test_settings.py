@@ -39,7 +39,7 @@ def test_data_percent_scales_stage_fractions_proportionally():
 @pytest.mark.parametrize(("entry", "key"), [
     ({"batch_size": 2}, "batch_size"),
     ({"asr": {"batchsize": 2}}, "batchsize"),
-    ({"clustering": {"algorithm": "kmeans"}}, "clustering.algorithm"),
+    ({"clustering": {"algorithm": "kmedoids"}}, "clustering.algorithm"),
 ])
 def test_bad_run_keys_name_the_key(entry, key):
     with pytest.raises(SettingsError, match=re.escape(key)):

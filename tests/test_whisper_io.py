@@ -113,3 +113,46 @@ def test_transcribe_batched_equals_one_by_one(tiny):
     assert batched == single and len(batched) == 2
     budget = whisper_io.generate_kwargs(model, SR)["max_new_tokens"]
     assert all(len(processor.tokenizer.encode(t, add_special_tokens=False)) <= budget + 1 for t in batched)
+
+
+def test_layer_picks_the_encoder_layer_it_names(tiny):
+    model, processor = tiny
+    encoder = model.get_encoder()
+    num_layers = len(encoder.layers)
+    clips = [tone(1.5), tone(3.0, freq=330.0)]
+    n = [len(c) for c in clips]
+    feats = whisper_io.input_features(processor, clips)
+    # Reference taken with hooks, independently of transformers' hidden_states tuple: the input of
+    # layer 0 and the raw output of every layer.
+    seen: list[torch.Tensor] = []
+    hooks = [encoder.layers[0].register_forward_pre_hook(lambda m, args: seen.append(args[0]))]
+    hooks += [layer.register_forward_hook(lambda m, args, out: seen.append(out[0] if isinstance(out, tuple) else out))
+              for layer in encoder.layers]
+    with torch.no_grad():
+        pooled = whisper_io.pooled_layers(model, feats, n, "mean", [0, 1, num_layers, "last"])
+        for hook in hooks:
+            hook.remove()
+        frames = [whisper_io.encoder_frames(k) for k in n]
+
+        def pool(hidden: torch.Tensor) -> torch.Tensor:
+            return torch.stack([hidden[b, :f].mean(dim=0) for b, f in enumerate(frames)])
+
+        after_norm = pool(encoder.layer_norm(seen[num_layers]))
+        single = whisper_io.pooled_embeddings(model, feats, n, layer=1)
+    layer0, layer1, layer_n, last = pooled
+    torch.testing.assert_close(layer0, pool(seen[0]))  # 0: convs + positions, before any layer
+    torch.testing.assert_close(layer1, pool(seen[1]))  # i: output of layer i
+    torch.testing.assert_close(single, layer1)  # one pass for several layers = one pass per layer
+    # num_layers is the final output after the encoder's layer norm, i.e. "last", not the raw output.
+    torch.testing.assert_close(layer_n, after_norm)
+    torch.testing.assert_close(last, after_norm)
+    assert not torch.allclose(layer_n, pool(seen[num_layers]), atol=1e-3)
+    assert not torch.allclose(layer0, last, atol=1e-3)
+
+
+@pytest.mark.parametrize("layer", [3, -1, "2", "first", True])
+def test_layer_out_of_range_names_the_setting(tiny, layer):
+    model, processor = tiny
+    clip = tone(1.0)
+    with pytest.raises(ValueError, match=r"embeddings.layer=.* 2 layers"):
+        whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, [clip]), [len(clip)], layer=layer)

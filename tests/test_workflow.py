@@ -6,6 +6,7 @@ directory, through the same Snakefile, profile and stage CLIs a user runs.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 import re
@@ -20,6 +21,8 @@ import yaml
 from safetensors.torch import load_file
 
 from workflow_scripts.moe import read_gate_file, save_gate
+from workflow_scripts.settings import resolve_run
+from workflow_scripts.variants import variants_of
 
 REPO = Path(__file__).resolve().parent.parent
 SNAKEMAKE = Path(sys.executable).parent / "snakemake"
@@ -207,3 +210,68 @@ def test_lint_is_clean_except_justified():
                  "Environment variable PYTHONPATH used but not asserted with envvars directive"}
     assert lints <= justified, lints
     assert "Lints for" in proc.stdout + proc.stderr or proc.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def quick_comparison(tmp_path_factory) -> Path:
+    """`snakemake results/quick/compare/report.md` on the quick run as configured (real tiny.en, tiny corpus)."""
+    workdir = tmp_path_factory.mktemp("quick_compare")
+    write_runs(workdir, {})
+    snakemake(workdir, *CPU_PROFILE, "results/quick/compare/report.md")
+    return workdir / "results" / "quick" / "compare"
+
+
+def test_quick_comparison_reports_every_variant_from_its_own_files(quick_comparison):
+    config = yaml.safe_load((REPO / "config" / "config.yaml").read_text())
+    variants = variants_of(resolve_run(config, "quick"))
+    summary = json.loads((quick_comparison / "compare.json").read_text())
+    report = (quick_comparison / "report.md").read_text()
+    assert set(summary["variants"]) == set(variants)
+    rows_at = [report.index(f"| {variant} |") for variant in variants]
+    assert rows_at == sorted(rows_at)  # the report lists the variants in their documented order
+    assert (quick_comparison / "compare.png").stat().st_size > 0
+    for variant in variants:
+        tsv = quick_comparison / variant / "per_utterance.tsv"
+        # Anyone can rescore a variant with the project's scoring CLI and get the report's numbers.
+        proc = subprocess.run([sys.executable, "-m", "workflow_scripts.scoring", str(tsv)], capture_output=True,
+                              text=True, check=True, cwd=REPO)
+        rescored = json.loads(proc.stdout)
+        entry = summary["variants"][variant]
+        assert rescored["overall"] == entry["overall"], variant
+        assert rescored["per_etiology"] == entry["per_etiology"], variant
+        wer, cer = 100 * entry["overall"]["wer"], 100 * entry["overall"]["cer"]
+        assert f"| {variant} | {wer:.2f} | {cer:.2f} |" in report
+
+
+def test_quick_comparison_controls_are_matched(quick_comparison):
+    summary = json.loads((quick_comparison / "compare.json").read_text())["variants"]
+    moe = summary["moe"]
+    # One LoRA with the parameters of all the experts together (the gate aside) ...
+    assert summary["lora_same_params"]["trainable_params"]["lora"] == moe["trainable_params"]["lora"]
+    assert summary["lora_same_params"]["trainable_params"]["gate"] == 0
+    assert summary["lora_same_rank"]["trainable_params"]["lora"] * moe["num_experts"] == moe["trainable_params"]["lora"]
+    # ... and trained for as many utterance passes as expert pretraining and joint training together.
+    assert moe["utterance_passes"] > summary["lora_same_params"]["utterance_passes"]
+    assert summary["lora_same_steps"]["utterance_passes"] == moe["utterance_passes"]
+    # The stock model at its native 30 s window, not the run's 10 s one.
+    assert summary["zero_shot"]["encoder_window_s"] == 30 and moe["encoder_window_s"] == 10
+
+
+def test_quick_comparison_random_routing_keeps_each_speaker_on_one_expert(quick_comparison):
+    rows = list(csv.DictReader((quick_comparison / "moe_random_routing" / "per_utterance.tsv").open(),
+                               delimiter="\t"))
+    experts_of: dict[str, set[str]] = {}
+    for row in rows:
+        experts_of.setdefault(row["speaker"], set()).add(row["expert"])
+    assert all(len(e) == 1 for e in experts_of.values())
+    assert len({e for es in experts_of.values() for e in es}) == 2  # both experts serve speakers
+
+
+def test_oracle_variant_routes_by_the_etiology_label(tmp_path):
+    etiologies = ["ALS", "Stroke"]
+    write_runs(tmp_path, {"oracle": {**TEST_RUN, "etiologies": etiologies, "skip_pretraining": True}})
+    snakemake(tmp_path, *CPU_PROFILE, "results/oracle/compare/moe_oracle_etiology/metrics.json")
+    rows = list(csv.DictReader((tmp_path / "results/oracle/compare/moe_oracle_etiology/per_utterance.tsv").open(),
+                               delimiter="\t"))
+    assert {row["etiology"] for row in rows} == set(etiologies)
+    assert all(int(row["expert"]) == etiologies.index(row["etiology"]) for row in rows)

@@ -19,13 +19,19 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from workflow_scripts.moe import GateMLP, MoEWhisper, read_gate_file
-from workflow_scripts.sap_data import read_utterances
+from workflow_scripts.decoding import FIXED_ROUTINGS, decode_routed, fixed_experts, gate_inputs, route_utterances
+from workflow_scripts.gating import check_gate_record
+from workflow_scripts.moe import GateMLP, MoEWhisper, load_balance_loss, read_gate_file
+from workflow_scripts.sampling import sample_utterances
+from workflow_scripts.sap_data import Utterance, read_utterances
+from workflow_scripts.scoring import score_corpus
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import (
     autocast,
@@ -41,24 +47,47 @@ from workflow_scripts.training import (
 from workflow_scripts.whisper_io import pooled_embeddings
 
 log = logging.getLogger("asr")
+# Utterances whose embeddings set a randomly initialised gate's input standardisation.
+STANDARDIZATION_SAMPLES = 1000
+
+
+class Context(NamedTuple):
+    """What a batch needs besides the model: route sources, loss weights, device and precision."""
+
+    cfg: dict
+    pooling: str
+    layer: str | int
+    targets: list[int]  # pretraining cluster per utterance (-100 = none): gate supervision
+    fixed: list[int] | None  # fixed expert per utterance (control routings), else None
+    device: torch.device
+    fp16: bool
 
 
 def build_moe(base_model: str, settings: dict, gating: Path | None, experts: Path | None):
     """MoE on the frozen base: pretrained gate + experts, or random init (skip_pretraining).
 
     Straight-through weighting: a routed expert's output has weight 1 (as the expert was pretrained),
-    while the gate still gets the gradient of its routing probability.
+    while the gate still gets the gradient of its routing probability. A single expert, or a routing
+    that ignores the audio (asr.routing), needs no gate.
     """
     lora = settings["lora"]
     model, processor = load_base(base_model, settings["encoder_window_s"])
+    pooling, layer = settings["embeddings"]["pooling"], settings["embeddings"].get("layer", "last")
+    gate = None
     if gating is not None:
         gate, extra = read_gate_file(gating)
-        pooling = extra["pooling"]
+        check_gate_record(extra, base_model=base_model, encoder_window_s=settings["encoder_window_s"], path=gating)
+        pooling, layer = extra["pooling"], extra.get("layer", "last")
+        num_experts = gate.config["num_experts"]
     else:
-        pooling = "mean"
-        gate = GateMLP(model.config.d_model, settings["num_experts"])
-    moe = MoEWhisper(model, gate.config["num_experts"], r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
-                     target_modules=lora["target_modules"], gate=gate, weighting="straight_through")
+        num_experts = settings["num_experts"]
+        width = model.config.d_model * (2 if pooling == "mean_std" else 1)
+        gate = GateMLP(width, num_experts)
+    if settings["asr"]["routing"] in FIXED_ROUTINGS or num_experts == 1:
+        gate = None
+    moe = MoEWhisper(model, num_experts, r=lora["r"], alpha=lora["alpha"], dropout=lora["dropout"],
+                     target_modules=lora["target_modules"], gate=gate, weighting="straight_through",
+                     shared=lora["shared"] and num_experts > 1)
     if experts is not None:
         manifest = json.loads(experts.read_text())
         if manifest["num_experts"] != moe.num_experts:
@@ -66,100 +95,185 @@ def build_moe(base_model: str, settings: dict, gating: Path | None, experts: Pat
                              f"{moe.num_experts}; rerun the experts stage")
         for record in manifest["experts"]:
             moe.load_expert_adapter(record["expert"], record["path"])
-    return moe, processor, pooling
+    return moe, processor, pooling, layer
 
 
 def trainable_state(moe: MoEWhisper) -> dict:
     return {n: p.detach().cpu().clone() for n, p in moe.named_parameters() if p.requires_grad}
 
 
-def run_batch(moe: MoEWhisper, batch: dict, targets: list[int], pooling: str, cfg: dict, device, fp16: bool):
-    feats = batch["input_features"].to(device)
+def count_trainable(moe: MoEWhisper) -> dict:
+    gate = sum(p.numel() for p in moe.gate.parameters()) if moe.gate is not None else 0
+    lora = sum(p.numel() for p in moe.parameters() if p.requires_grad) - gate
+    return {"lora": lora, "gate": gate, "total": lora + gate}
+
+
+def run_batch(moe: MoEWhisper, batch: dict, ctx: Context) -> dict:
+    """Losses of one micro-batch. The load-balancing loss is left out here: train() computes it over the
+    whole accumulation window, where a handful of utterances per micro-batch would make it noise."""
+    feats = batch["input_features"].to(ctx.device)
+    labels = batch["labels"].to(ctx.device)
+    if ctx.fixed is not None or moe.gate is None:
+        idx = torch.tensor([ctx.fixed[i] if ctx.fixed else 0 for i in batch["index"]])
+        with autocast(ctx.fp16, ctx.device):
+            out = moe(feats, labels, expert_idx=idx)
+        return {**out, "gate_inputs": None}
     with torch.no_grad():
         # The gate sees the base encoder's embedding (no LoRA: routing is off outside moe.routing()).
-        emb = pooled_embeddings(moe.base, feats, batch["num_samples"], pooling=pooling).float()
-    clusters = torch.tensor([targets[i] for i in batch["index"]], device=device)
-    use_clusters = cfg["gate_supervision_weight"] > 0 and bool((clusters >= 0).any())
-    with autocast(fp16, device):
-        return moe(feats, batch["labels"].to(device), emb, cluster_labels=clusters if use_clusters else None,
-                   balance_coef=cfg["load_balance_weight"], gate_loss_coef=cfg["gate_supervision_weight"])
+        emb = pooled_embeddings(moe.base, feats, batch["num_samples"], pooling=ctx.pooling, layer=ctx.layer).float()
+    clusters = torch.tensor([ctx.targets[i] for i in batch["index"]], device=ctx.device)
+    use_clusters = ctx.cfg["gate_supervision_weight"] > 0 and bool((clusters >= 0).any())
+    with autocast(ctx.fp16, ctx.device):
+        out = moe(feats, labels, emb, cluster_labels=clusters if use_clusters else None, balance_coef=0.0,
+                  gate_loss_coef=ctx.cfg["gate_supervision_weight"])
+    return {**out, "gate_inputs": emb}
+
+
+def window_balance_loss(moe: MoEWhisper, embeddings: list[torch.Tensor], routes: list[torch.Tensor]) -> torch.Tensor:
+    """Switch load-balancing loss over every utterance of an accumulation window. The gate has not
+    changed within the window, so recomputing its (dropout-free) probabilities gives the routes taken."""
+    probs = moe.gate.route_logits(torch.cat(embeddings)).softmax(-1)
+    return load_balance_loss(probs, torch.cat(routes).to(probs.device))
 
 
 @torch.no_grad()
-def validate(moe: MoEWhisper, loader, targets, pooling, cfg, device, fp16) -> dict:
+def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], processor, routing: dict) -> dict:
+    """Teacher-forced loss and routing on the validation split; greedy WER on `wer_utts` when given."""
     moe.eval()
     total, n, usage = 0.0, 0, [0] * moe.num_experts
     for batch in loader:
-        out = run_batch(moe, batch, targets, pooling, cfg, device, fp16)
+        out = run_batch(moe, batch, ctx)
         total += out["task_loss"].item() * len(batch["index"])
         n += len(batch["index"])
         for k in out["expert_idx"].tolist():
             usage[k] += 1
+    result = {"val_loss": total / max(n, 1), "val_expert_usage": usage}
+    if wer_utts:
+        experts, weights = route_utterances(moe, processor, wer_utts, device=ctx.device,
+                                            batch_size=ctx.cfg["batch_size"], **routing)
+        hyps, _ = decode_routed(moe, processor, wer_utts, experts, weights, batch_size=ctx.cfg["batch_size"],
+                                device=ctx.device)
+        scores = score_corpus((u.transcript, h, u.etiology) for u, h in zip(wer_utts, hyps, strict=True))
+        result["val_wer"] = scores["overall"]["wer"]
     moe.train()
-    return {"val_loss": total / max(n, 1), "val_expert_usage": usage}
+    return result
+
+
+def _improved(entry: dict, best: tuple, select_by: str) -> tuple | None:
+    """The new best key if this validation beats `best`: lower WER (ties: lower loss), or lower loss."""
+    key = (entry["val_wer"], entry["val_loss"]) if select_by == "wer" else (entry["val_loss"],)
+    return key if key < best else None
+
+
+def _epoch_sizes(n: int, epochs: int, max_passes: int | None) -> list[int]:
+    """Utterances trained per epoch: all of them for `epochs` epochs, or until `max_passes` are done."""
+    if max_passes is None:
+        return [n] * epochs
+    return [min(n, max_passes - e * n) for e in range(math.ceil(max_passes / n))]
 
 
 def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir: Path, settings: dict,
-          gating: Path | None = None, experts: Path | None = None, assignment: Path | None = None) -> dict:
+          gating: Path | None = None, experts: Path | None = None, assignment: Path | None = None,
+          max_passes: int | None = None) -> dict:
+    """Joint training; `max_passes` replaces the epoch count by a budget of utterance passes."""
     cfg, tcfg = settings["asr"], settings["training"]
     seed_everything(settings["seed"])
     train_utts, val_utts = read_utterances(train_path), read_utterances(val_path)
     if not val_utts:
         raise ValueError(f"{val_path} is empty: joint training needs held-out speakers; raise data.val_fraction")
     device = pick_device()
-    moe, processor, pooling = build_moe(base_model, settings, gating, experts)
+    moe, processor, pooling, layer = build_moe(base_model, settings, gating, experts)
     moe.to(device).train()
     fp16 = use_fp16(tcfg["fp16"], device)
+    routing = {"routing": cfg["routing"], "pooling": pooling, "layer": layer, "etiologies": settings["etiologies"],
+               "seed": settings["seed"]}
+    if moe.gate is not None and gating is None:
+        # A random gate still needs standardised inputs, as a pretrained one has (gating.py).
+        sample = sample_utterances(train_utts, n=min(STANDARDIZATION_SAMPLES, len(train_utts)), seed=settings["seed"])
+        moe.gate.fit_standardization(gate_inputs(moe, processor, sample, pooling=pooling, layer=layer,
+                                                 batch_size=cfg["batch_size"], device=device).to(device))
     cluster_of = {}
     if assignment is not None:
         a = json.loads(assignment.read_text())
         cluster_of = {d["id"]: d["expert"] for split in ("train", "val") for d in a[split]}
-    train_targets = [cluster_of.get(u.id, -100) for u in train_utts]
-    val_targets = [cluster_of.get(u.id, -100) for u in val_utts]
+
+    def context(utts: list[Utterance]) -> Context:
+        fixed = None
+        if cfg["routing"] in FIXED_ROUTINGS:
+            fixed = fixed_experts(utts, cfg["routing"], moe.num_experts, settings["etiologies"], settings["seed"])
+        return Context(cfg, pooling, layer, [cluster_of.get(u.id, -100) for u in utts], fixed, device, fp16)
+
+    train_ctx, val_ctx = context(train_utts), context(val_utts)
+    select_by = tcfg["select_best_by"]
+    wer_utts = []
+    if select_by == "wer":
+        wer_utts = sample_utterances(val_utts, n=min(tcfg["val_wer_samples"], len(val_utts)), seed=settings["seed"])
 
     expert_params = [p for n, p in moe.named_parameters() if p.requires_grad and not n.startswith("gate.")]
-    optimizer = torch.optim.AdamW([{"params": expert_params, "lr": cfg["lr"]},
-                                   {"params": list(moe.gate.parameters()), "lr": cfg["gate_lr"]}])
+    groups = [{"params": expert_params, "lr": cfg["lr"]}]
+    if moe.gate is not None:
+        groups.append({"params": list(moe.gate.parameters()), "lr": cfg["gate_lr"]})
+    optimizer = torch.optim.AdamW(groups)
     accum = tcfg["gradient_accumulation_steps"]
-    batches_per_epoch = math.ceil(len(train_utts) / cfg["batch_size"])
-    total_steps = math.ceil(batches_per_epoch / accum) * cfg["epochs"]
+    epoch_sizes = _epoch_sizes(len(train_utts), cfg["epochs"], max_passes)
+    batches_in = [math.ceil(size / cfg["batch_size"]) for size in epoch_sizes]
+    total_steps = sum(math.ceil(b / accum) for b in batches_in)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps), total_steps)
     scaler = torch.amp.GradScaler(enabled=fp16)
     val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
                              shuffle=False)
-    fingerprint = hashlib.sha256(json.dumps([settings, base_model, [u.id for u in train_utts],
+    fingerprint = hashlib.sha256(json.dumps([settings, base_model, max_passes, [u.id for u in train_utts],
                                              [u.id for u in val_utts]]).encode()).hexdigest()[:16]
     resume_path, best_dir = work_dir / "resume.pt", work_dir / "best"
-    epoch, skip, step, best, since_best, history = 1, 0, 0, float("inf"), 0, []
+    epoch, skip, step, best, since_best, best_epoch, history = 1, 0, 0, (float("inf"),), 0, 0, []
+    stopped = False
+    passes, seconds = 0, 0.0
     state = load_resume(resume_path, fingerprint)
     if state:
         moe.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, skip, step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-        best, since_best, history = state["best"], state["since_best"], state["history"]
+        best, since_best, best_epoch = state["best"], state["since_best"], state["best_epoch"]
+        stopped, history = state["stopped"], state["history"]
+        passes, seconds = state["utterance_passes"], state["train_seconds"]
+    started = time.perf_counter()
 
     def checkpoint(batch_in_epoch: int, ep: int) -> None:
         save_resume(resume_path, {"fingerprint": fingerprint, "trainable": trainable_state(moe),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "epoch": ep, "batch_in_epoch": batch_in_epoch, "global_step": step, "best": best,
-                                  "since_best": since_best, "history": history})
+                                  "since_best": since_best, "best_epoch": best_epoch, "stopped": stopped,
+                                  "history": history, "utterance_passes": passes,
+                                  "train_seconds": seconds + time.perf_counter() - started})
 
-    params = expert_params + list(moe.gate.parameters())
-    while epoch <= cfg["epochs"] and since_best < tcfg["patience"]:
+    params = [p for group in groups for p in group["params"]]
+    while epoch <= len(epoch_sizes) and not stopped:
         loader = make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip)
+                             shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip,
+                             limit=epoch_sizes[epoch - 1])
         sums = {"loss": 0.0, "task_loss": 0.0, "balance_loss": 0.0, "gate_loss": 0.0}
-        usage, seen = [0] * moe.num_experts, 0
+        usage, seen, windows = [0] * moe.num_experts, 0, 0
+        window_emb, window_idx = [], []
         for i, batch in enumerate(loader, start=skip):
-            result = run_batch(moe, batch, train_targets, pooling, cfg, device, fp16)
+            result = run_batch(moe, batch, train_ctx)
             scaler.scale(result["loss"] / accum).backward()
+            if result["gate_inputs"] is not None:
+                window_emb.append(result["gate_inputs"])
+                window_idx.append(result["expert_idx"])
             seen += 1
-            for key in sums:
+            passes += len(batch["index"])
+            for key in ("loss", "task_loss", "gate_loss"):
                 sums[key] += result[key].item()
             for k in result["expert_idx"].tolist():
                 usage[k] += 1
-            if (i + 1) % accum == 0 or i + 1 == batches_per_epoch:
+            if (i + 1) % accum == 0 or i + 1 == batches_in[epoch - 1]:
+                if window_emb and cfg["load_balance_weight"] > 0:
+                    balance = window_balance_loss(moe, window_emb, window_idx)
+                    scaler.scale(cfg["load_balance_weight"] * balance).backward()
+                    sums["balance_loss"] += balance.item()
+                    windows += 1
+                window_emb, window_idx = [], []
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
                 scaler.step(optimizer)
@@ -167,18 +281,23 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
                 optimizer.zero_grad(set_to_none=True)
                 scheduler.step()
                 step += 1
-                if step % tcfg["checkpoint_every_steps"] == 0 and i + 1 < batches_per_epoch:
+                if step % tcfg["checkpoint_every_steps"] == 0 and i + 1 < batches_in[epoch - 1]:
                     checkpoint(i + 1, epoch)
         skip = 0
         entry = {"epoch": epoch, "step": step, "train_expert_usage": usage,
-                 **{f"train_{k}": v / max(seen, 1) for k, v in sums.items()}}
-        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == cfg["epochs"]:
-            entry.update(validate(moe, val_loader, val_targets, pooling, cfg, device, fp16))
-            if entry["val_loss"] < best:
-                best, since_best = entry["val_loss"], 0
+                 **{f"train_{k}": v / max(seen, 1) for k, v in sums.items() if k != "balance_loss"},
+                 "train_balance_loss": sums["balance_loss"] / max(windows, 1)}
+        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == len(epoch_sizes):
+            entry.update(validate(moe, val_loader, val_ctx, wer_utts, processor, routing))
+            key = _improved(entry, best, select_by)
+            if key is not None:
+                best, since_best, best_epoch = key, 0, epoch
                 moe.save(best_dir)
             else:
                 since_best += 1
+            # Early stopping is decided at validations only; patience counts validations or epochs.
+            waited = epoch - best_epoch if tcfg["patience_unit"] == "epochs" else since_best
+            stopped = waited >= tcfg["patience"]
         if epoch % tcfg["save_every_n_epochs"] == 0:
             moe.save(work_dir / f"epoch_{epoch}")
         history.append(entry)
@@ -187,11 +306,26 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
         checkpoint(0, epoch)
     if not best_dir.exists():
         moe.save(best_dir)
+    best_entry = next((h for h in history if h["epoch"] == best_epoch), None)
     record = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
-              "pretrained": gating is not None, "best_val_loss": best if math.isfinite(best) else None,
-              "n_train": len(train_utts), "n_val": len(val_utts), "history": history, "settings": settings}
+              "layer": layer, "routing": cfg["routing"], "etiologies": settings["etiologies"],
+              "seed": settings["seed"], "pretrained": gating is not None, "num_experts": moe.num_experts,
+              "selected_by": select_by, "best_epoch": best_epoch or None,
+              "best_val_loss": best_entry["val_loss"] if best_entry else None,
+              "best_val_wer": best_entry.get("val_wer") if best_entry else None,
+              "n_train": len(train_utts), "n_val": len(val_utts), "n_val_wer": len(wer_utts),
+              "utterance_passes": passes, **_pretraining_cost(experts),
+              "train_seconds": round(seconds + time.perf_counter() - started, 2),
+              "trainable_params": count_trainable(moe), "history": history, "settings": settings}
     publish_best(best_dir, out, record, processor)
     return record
+
+
+def _pretraining_cost(experts: Path | None) -> dict:
+    """Utterance passes and seconds of the expert pretraining (0 without it), so a control can get as much."""
+    records = json.loads(experts.read_text())["experts"] if experts is not None else []
+    return {"pretraining_utterance_passes": sum(e["utterance_passes"] for e in records),
+            "pretraining_seconds": round(sum(e["train_seconds"] for e in records), 2)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -206,11 +340,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work-dir", type=Path, required=True, help="resume and periodic checkpoints")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
+    parser.add_argument("--max-passes", type=int, help="train for this many utterance passes instead of epochs")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     train(args.train, args.val, args.base_model, args.out, args.work_dir, parse_settings_arg(args.settings),
-          gating=args.gating, experts=args.experts, assignment=args.assignment)
+          gating=args.gating, experts=args.experts, assignment=args.assignment, max_passes=args.max_passes)
 
 
 if __name__ == "__main__":

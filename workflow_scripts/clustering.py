@@ -8,9 +8,14 @@ touching the labels:
     python -m workflow_scripts.clustering plot --embeddings-dir DIR --labels cluster_labels.npy \
         --out cluster_plot.png --settings JSON [--summary clusters.json]
 
-Labels are int64, one per embeddings row, 0..K-1 with 0 the largest cluster. HDBSCAN noise is
-assigned to the nearest centroid so every utterance has an expert; more clusters than `num_experts`
-are merged (smallest first) so the label count never exceeds the experts the run trains.
+Labels are int64, one per embeddings row, 0..K-1 with 0 the largest cluster (in utterances).
+`clustering.level: speaker` clusters the mean embedding of each speaker instead of each utterance, and
+every utterance takes its speaker's cluster: routing then follows what differs between speakers
+rather than what each utterance says. HDBSCAN noise is assigned to the nearest centroid so every
+utterance has an expert; more clusters than `num_experts` are merged (smallest first) so the label
+count never exceeds the experts the run trains; `clustering.max_cluster_share` then caps the share of
+units (utterances or speakers) any one cluster holds. clusters.json reports how well the labels follow
+etiology (NMI, ARI), whatever the settings.
 """
 
 from __future__ import annotations
@@ -21,18 +26,27 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import numpy as np
 
+from workflow_scripts.cluster_balance import (
+    cap_cluster_share,
+    max_units,
+    merge_smallest,
+    reassign_noise,
+    relabel_by_size,
+)
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
 
 log = logging.getLogger("workflow_scripts.clustering")
 
 DEFAULTS: dict[str, Any] = {
     "algorithm": "hdbscan",
+    "level": "utterance",
+    "max_cluster_share": 1.0,
     "reduce": "pca",
     "reduce_dim": 50,
     "min_cluster_size": 5,
@@ -50,7 +64,8 @@ DEFAULTS: dict[str, Any] = {
 # can be passed unchanged.
 _WORKFLOW_KEYS = {"plot"}
 _CHOICES = {
-    "algorithm": ("hdbscan", "spectral"),
+    "algorithm": ("hdbscan", "spectral", "kmeans"),
+    "level": ("utterance", "speaker"),
     "reduce": ("none", "pca", "umap"),
     "plot_method": ("pca", "umap"),
     "hdbscan_algorithm": (
@@ -89,6 +104,14 @@ def resolve_settings(raw: dict) -> tuple[dict, int, int]:
     for key in ("min_samples", "min_clusters"):
         if cfg[key] is not None and (not isinstance(cfg[key], int) or cfg[key] < 1):
             raise ClusteringError(f"settings clustering.{key}={cfg[key]!r}: give an integer >= 1 or null.")
+    share = cfg["max_cluster_share"]
+    if isinstance(share, bool) or not isinstance(share, (int, float)) or not 0 < share <= 1:
+        raise ClusteringError(f"settings clustering.max_cluster_share={share!r}: give a number in (0, 1].")
+    if share < 1 / num_experts:
+        raise ClusteringError(
+            f"settings clustering.max_cluster_share={share} is impossible: {num_experts} clusters of at most "
+            f"{share:.0%} cannot hold every unit; the smallest allowed value is 1/num_experts = {1 / num_experts:.4g}."
+        )
     if cfg["min_experts"] > num_experts:
         raise ClusteringError(
             f"settings clustering.min_experts={cfg['min_experts']} exceeds num_experts={num_experts}; "
@@ -123,6 +146,22 @@ def load_embeddings(embeddings_dir: str | os.PathLike) -> tuple[np.ndarray, list
     if not np.isfinite(emb).all():
         raise ClusteringError(f"{npy} contains NaN/inf values; rerun the embeddings stage.")
     return emb, etiologies  # type: ignore[return-value]
+
+
+def row_speakers(embeddings_dir: str | os.PathLike) -> list[str]:
+    """The speaker of each embeddings row, from mapping.json (rows checked by `load_embeddings`)."""
+    mapping_path = Path(embeddings_dir) / "mapping.json"
+    with open(mapping_path) as f:
+        utts = json.load(f)["utterances"]
+    speakers = [""] * len(utts)
+    for utt_id, info in utts.items():
+        if not info.get("speaker"):
+            raise ClusteringError(
+                f"{mapping_path}: utterance {utt_id} has no speaker; rerun the embeddings stage or use "
+                f"clustering.level: utterance."
+            )
+        speakers[info["row"]] = str(info["speaker"])
+    return speakers
 
 
 def _umap(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
@@ -176,6 +215,14 @@ def _hdbscan(z: np.ndarray, cfg: dict, min_cluster_size: int) -> np.ndarray:
         ) from e
 
 
+def kmeans(z: np.ndarray, k: int, seed: int) -> np.ndarray:
+    """k-means with 10 restarts; exactly min(k, N) clusters."""
+    from sklearn.cluster import KMeans
+
+    model = KMeans(n_clusters=min(k, z.shape[0]), n_init=10, random_state=seed)
+    return np.asarray(model.fit_predict(z), dtype=np.int64)
+
+
 def spectral(z: np.ndarray, k: int, seed: int) -> np.ndarray:
     """Spectral clustering on a nearest-neighbour graph; k is capped by N."""
     from sklearn.cluster import SpectralClustering
@@ -191,45 +238,6 @@ def spectral(z: np.ndarray, k: int, seed: int) -> np.ndarray:
         # Well-separated groups give a disconnected graph; the embedding is still usable.
         warnings.filterwarnings("ignore", message="Graph is not fully connected")
         return np.asarray(model.fit_predict(z), dtype=np.int64)
-
-
-def _centroids(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.unique(labels[labels >= 0])
-    return ids, np.stack([z[labels == c].mean(axis=0) for c in ids])
-
-
-def reassign_noise(z: np.ndarray, labels: np.ndarray) -> tuple[np.ndarray, int]:
-    """Give each noise point (-1) the label of the nearest cluster centroid."""
-    noise = labels < 0
-    if not noise.any():
-        return labels, 0
-    ids, cents = _centroids(z, labels)
-    dists = ((z[noise, None, :] - cents[None, :, :]) ** 2).sum(axis=-1)
-    out = labels.copy()
-    out[noise] = ids[dists.argmin(axis=1)]
-    return out, int(noise.sum())
-
-
-def merge_smallest(z: np.ndarray, labels: np.ndarray, k: int) -> tuple[np.ndarray, int]:
-    """Merge the smallest cluster into the one with the nearest centroid until k remain."""
-    out, merged = labels.copy(), 0
-    while len(np.unique(out)) > k:
-        ids, cents = _centroids(z, out)
-        sizes = np.array([(out == c).sum() for c in ids])
-        small = int(sizes.argmin())  # ties: lowest id, so the result is deterministic
-        dist = ((cents - cents[small]) ** 2).sum(axis=1)
-        dist[small] = np.inf
-        out[out == ids[small]] = ids[int(dist.argmin())]
-        merged += 1
-    return out, merged
-
-
-def relabel_by_size(labels: np.ndarray) -> np.ndarray:
-    """Labels 0..K-1, 0 the largest cluster (ties: lower original label first)."""
-    ids, counts = np.unique(labels, return_counts=True)
-    order = ids[np.lexsort((ids, -counts))]
-    lookup = {int(old): new for new, old in enumerate(order)}
-    return np.array([lookup[int(v)] for v in labels], dtype=np.int64)
 
 
 def _n_clusters(labels: np.ndarray) -> int:
@@ -254,12 +262,12 @@ def _run_hdbscan(z: np.ndarray, cfg: dict, min_clusters: int) -> tuple[np.ndarra
     return best, best_mcs, retries
 
 
-def cluster_embeddings(emb: np.ndarray, cfg: dict, num_experts: int, seed: int) -> tuple[np.ndarray, dict, np.ndarray]:
-    """Labels (int64, 0..K-1 by size), the summary fields saying how they were made, the reduced space."""
-    n = emb.shape[0]
+def _cluster_units(x: np.ndarray, cfg: dict, num_experts: int, seed: int) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Raw labels of the rows of x (at most num_experts clusters, no noise), how they were made, the reduced x."""
+    n = x.shape[0]
     if n < 2:
-        raise ClusteringError(f"clustering needs at least 2 embeddings, got {n}; sample more utterances.")
-    z, dim_used = reduce_embeddings(emb, cfg["reduce"], cfg["reduce_dim"], seed)
+        raise ClusteringError(f"clustering needs at least 2 units (utterances or speakers), got {n}; sample more.")
+    z, dim_used = reduce_embeddings(x, cfg["reduce"], cfg["reduce_dim"], seed)
     info: dict[str, Any] = {
         "algorithm_used": cfg["algorithm"],
         "fallback": None,
@@ -273,6 +281,8 @@ def cluster_embeddings(emb: np.ndarray, cfg: dict, num_experts: int, seed: int) 
     }
     if cfg["algorithm"] == "spectral":
         labels = spectral(z, num_experts, seed)
+    elif cfg["algorithm"] == "kmeans":
+        labels = kmeans(z, num_experts, seed)
     else:
         min_clusters = cfg["min_clusters"] if cfg["min_clusters"] is not None else num_experts
         labels, info["min_cluster_size_used"], info["retries"] = _run_hdbscan(z, cfg, min_clusters)
@@ -296,10 +306,57 @@ def cluster_embeddings(emb: np.ndarray, cfg: dict, num_experts: int, seed: int) 
     labels, info["merged_clusters"] = merge_smallest(z, labels, num_experts)
     if _n_clusters(labels) < num_experts and not cfg["reduce_experts"]:
         raise ClusteringError(
-            f"only {_n_clusters(labels)} clusters possible from {n} embeddings, fewer than num_experts="
+            f"only {_n_clusters(labels)} clusters possible from {n} units, fewer than num_experts="
             f"{num_experts}, and clustering.reduce_experts is false; sample more utterances."
         )
-    return relabel_by_size(labels), info, z
+    return labels, info, z
+
+
+def _cap_share(z: np.ndarray, labels: np.ndarray, share: float) -> tuple[np.ndarray, int]:
+    """`cap_cluster_share`, after checking that the clusters found can hold every unit under the cap."""
+    k, n = _n_clusters(labels), len(labels)
+    if k * max_units(share, n) < n:
+        raise ClusteringError(
+            f"clustering.max_cluster_share={share} is impossible here: {k} clusters were found, and {k} clusters "
+            f"of at most {max_units(share, n)} of the {n} units cannot hold them all; the smallest allowed value "
+            f"is 1/{k} = {1 / k:.4g}. Raise max_cluster_share, or use algorithm: kmeans or spectral to get "
+            f"num_experts clusters."
+        )
+    return cap_cluster_share(z, labels, share)
+
+
+def cluster_embeddings(
+    emb: np.ndarray, cfg: dict, num_experts: int, seed: int, speakers: Sequence[str] | None = None
+) -> tuple[np.ndarray, dict, np.ndarray]:
+    """Labels (int64, one per row, 0..K-1 by size), the summary fields saying how they were made, the reduced space.
+
+    At `level: speaker` the units clustered are the speakers' mean embeddings (`speakers` gives each
+    row's speaker), each row takes its speaker's label, and the reduced space has one row per
+    embeddings row: its speaker's point.
+    """
+    if cfg["level"] == "speaker":
+        if speakers is None or len(speakers) != len(emb):
+            raise ClusteringError("clustering.level: speaker needs the speaker of every embeddings row "
+                                  "(mapping.json); rerun the embeddings stage or use level: utterance.")
+        names, unit_of_row = np.unique(np.asarray(speakers), return_inverse=True)
+        units = np.stack([emb[unit_of_row == u].mean(axis=0) for u in range(len(names))])
+        log.info("clustering the mean embeddings of %d speakers (%d utterances)", len(names), len(emb))
+    else:
+        unit_of_row, units = np.arange(len(emb)), emb
+    raw, info, z = _cluster_units(units, cfg, num_experts, seed)
+    capped, info["capped_moves"] = _cap_share(z, raw, cfg["max_cluster_share"])
+    # Ordered by utterances, not units: utterances are what each expert trains on.
+    labels = relabel_by_size(capped[unit_of_row])
+    new_id = dict(zip(capped[unit_of_row].tolist(), labels.tolist(), strict=True))
+    k = len(new_id)
+    info.update(
+        level=cfg["level"],
+        n_units=len(units),
+        max_cluster_share=cfg["max_cluster_share"],
+        unit_sizes_before_cap=np.bincount([new_id[c] for c in raw.tolist()], minlength=k).tolist(),
+        unit_sizes=np.bincount([new_id[c] for c in capped.tolist()], minlength=k).tolist(),
+    )
+    return labels, info, z[unit_of_row]
 
 
 def _silhouette(z: np.ndarray, labels: np.ndarray, k: int) -> float | None:
@@ -309,6 +366,8 @@ def _silhouette(z: np.ndarray, labels: np.ndarray, k: int) -> float | None:
 
 
 def build_summary(labels: np.ndarray, info: dict, etiologies: list[str], reduced: np.ndarray) -> dict:
+    from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
+
     k = int(labels.max()) + 1
     per_eti: dict[str, dict[str, int]] = {}
     for eti, lab in zip(etiologies, labels.tolist(), strict=True):
@@ -320,6 +379,9 @@ def build_summary(labels: np.ndarray, info: dict, etiologies: list[str], reduced
         sizes=np.bincount(labels, minlength=k).tolist(),
         per_etiology={e: per_eti[e] for e in sorted(per_eti)},
         silhouette=_silhouette(reduced, labels, k),
+        # How far the clusters follow etiology (1 = exactly, 0 = no better than chance).
+        nmi_etiology=float(normalized_mutual_info_score(etiologies, labels)),
+        ari_etiology=float(adjusted_rand_score(etiologies, labels)),
     )
     return summary
 
@@ -339,7 +401,8 @@ def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> 
 def run_cluster(embeddings_dir: str, labels_out: str, summary_out: str, raw_settings: dict) -> dict:
     cfg, num_experts, seed = resolve_settings(raw_settings)
     emb, etiologies = load_embeddings(embeddings_dir)
-    labels, info, reduced = cluster_embeddings(emb, cfg, num_experts, seed)
+    speakers = row_speakers(embeddings_dir) if cfg["level"] == "speaker" else None
+    labels, info, reduced = cluster_embeddings(emb, cfg, num_experts, seed, speakers)
     summary = build_summary(labels, info, etiologies, reduced)
     _write_atomic(labels_out, lambda f: np.save(f, labels))
     write_json_atomic(summary_out, summary)
@@ -377,10 +440,11 @@ def run_plot(
         raise ClusteringError(
             f"{labels_path} has {labels.shape} labels for {emb.shape[0]} embeddings; rerun the cluster step."
         )
-    algorithm = cfg["algorithm"]
+    algorithm, level = cfg["algorithm"], cfg["level"]
     if summary_path:
         with open(summary_path) as f:
-            algorithm = json.load(f).get("algorithm_used", algorithm)
+            summary = json.load(f)
+        algorithm, level = summary.get("algorithm_used", algorithm), summary.get("level", level)
     xy = project_2d(emb, cfg["plot_method"], seed)
     k = int(labels.max()) + 1
     cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
@@ -401,7 +465,8 @@ def run_plot(
     first = ax.legend(handles=cluster_handles, title="cluster", loc="upper left", fontsize=7)
     ax.add_artist(first)
     ax.legend(handles=eti_handles, title="etiology", loc="upper right", fontsize=7)
-    ax.set_title(f"{k} clusters ({algorithm}), {cfg['plot_method'].upper()} projection, N={len(labels)}")
+    ax.set_title(f"{k} clusters ({algorithm}, {level} level), {cfg['plot_method'].upper()} projection, "
+                 f"N={len(labels)} utterances")
     fig.tight_layout()
     _write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
     plt.close(fig)

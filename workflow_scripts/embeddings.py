@@ -1,9 +1,10 @@
 """Stage 1: pooled Whisper encoder embeddings of the embedding sample.
 
 One float16 row per utterance (d_model values for mean pooling: 2.5 KiB for large-v2, instead of the
-7.3 MiB per-frame float32 arrays the research code stored). Pooling covers only the encoder frames
-that hold real audio, not the padded window. Partial results are saved every `checkpoint_every`
-utterances under --work-dir, so a crashed job resumes where it stopped.
+7.3 MiB per-frame float32 arrays the research code stored), taken at the encoder layer
+`embeddings.layer`. Pooling covers only the encoder frames that hold real audio, not the padded
+window. Partial results are saved every `checkpoint_every` utterances under --work-dir, so a crashed
+job resumes where it stopped.
 
     python -m workflow_scripts.embeddings --utterances results/quick/data/embedding.json \
         --base-model results/_models/tiny.en --out-dir results/quick/embeddings \
@@ -27,15 +28,15 @@ from tqdm import tqdm
 from workflow_scripts.sap_data import Utterance, load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
 from workflow_scripts.training import load_base, pick_device
-from workflow_scripts.whisper_io import input_features, pooled_embeddings
+from workflow_scripts.whisper_io import encoder_layer_index, input_features, pooled_embeddings
 
 log = logging.getLogger("embeddings")
 
 
 @torch.no_grad()
 def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, batch_size: int,
-                     device: torch.device, on_batch=None, start: int = 0) -> np.ndarray:
-    """Pooled encoder embeddings (float32, one row per utterance) from `start` on.
+                     device: torch.device, on_batch=None, start: int = 0, layer: str | int = "last") -> np.ndarray:
+    """Pooled encoder embeddings (float32, one row per utterance) from `start` on, taken at `layer`.
 
     `on_batch(end, rows)` is called after each batch with the rows computed so far (for checkpoints).
     """
@@ -44,7 +45,7 @@ def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, b
         batch = utts[begin:begin + batch_size]
         audios = [load_audio(u.wav) for u in batch]
         feats = input_features(processor, audios).to(device, model.dtype)
-        pooled = pooled_embeddings(model, feats, [len(a) for a in audios], pooling=pooling)
+        pooled = pooled_embeddings(model, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
         rows.append(pooled.float().cpu().numpy())
         if on_batch is not None:
             on_batch(begin + len(batch), rows)
@@ -52,9 +53,9 @@ def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, b
     return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
 
 
-def _fingerprint(utts: list[Utterance], base_model: str, pooling: str, window: float) -> str:
+def _fingerprint(utts: list[Utterance], base_model: str, pooling: str, layer: str | int, window: float) -> str:
     """Identifies the job, so a partial result is reused only for the very same work."""
-    h = hashlib.sha256(json.dumps([base_model, pooling, window, [u.id for u in utts]]).encode())
+    h = hashlib.sha256(json.dumps([base_model, pooling, layer, window, [u.id for u in utts]]).encode())
     return h.hexdigest()[:16]
 
 
@@ -95,9 +96,10 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
     device = pick_device()
     model, processor = load_base(base_model, settings["encoder_window_s"])
     model.to(device).eval()
+    encoder_layer_index(cfg["layer"], len(model.get_encoder().layers))  # a bad layer fails before any work
 
-    store = PartialStore(work_dir, _fingerprint(utts, base_model, cfg["pooling"], settings["encoder_window_s"]),
-                         cfg["checkpoint_every"])
+    fingerprint = _fingerprint(utts, base_model, cfg["pooling"], cfg["layer"], settings["encoder_window_s"])
+    store = PartialStore(work_dir, fingerprint, cfg["checkpoint_every"])
     done = store.load()
     start = 0 if done is None else len(done)
 
@@ -107,7 +109,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
             store.save(new if done is None else np.concatenate([done.astype(np.float32), new]))
 
     new_rows = embed_utterances(model, processor, utts, pooling=cfg["pooling"], batch_size=cfg["batch_size"],
-                                device=device, on_batch=checkpoint, start=start)
+                                device=device, on_batch=checkpoint, start=start, layer=cfg["layer"])
     parts = [done.astype(np.float32)] if done is not None else []
     matrix = np.concatenate(parts + [new_rows]).astype(np.float16)
     if not np.isfinite(matrix).all():
@@ -120,6 +122,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
     mapping = {
         "base_model": base_model,
         "pooling": cfg["pooling"],
+        "layer": cfg["layer"],
         "encoder_window_s": settings["encoder_window_s"],
         "dim": int(matrix.shape[1]),
         "dtype": "float16",

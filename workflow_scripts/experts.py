@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import math
+import time
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +28,7 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from transformers import get_linear_schedule_with_warmup
 
 from workflow_scripts.embeddings import embed_utterances
+from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import read_gate_file
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
@@ -52,6 +54,10 @@ def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path,
     labels = np.load(labels_path)
     gate, extra = read_gate_file(gating)
     gate.eval()
+    # Cluster labels come from the cached embeddings and the gate routes the rest: both must describe
+    # utterances the same way, and the same way this stage embeds them.
+    check_gate_record(extra, base_model=base_model, encoder_window_s=settings["encoder_window_s"],
+                      pooling=mapping["pooling"], layer=mapping.get("layer", "last"), path=gating)
     sets = {"train": read_utterances(utterances), "val": read_utterances(val)}
     expert_of: dict[str, int] = {}
     source = {"cluster_label": 0, "gate": 0}
@@ -66,7 +72,8 @@ def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path,
         model, processor = load_base(base_model, settings["encoder_window_s"])
         model.to(device).eval()
         matrix = embed_utterances(model, processor, missing, pooling=extra["pooling"],
-                                  batch_size=settings["embeddings"]["batch_size"], device=device)
+                                  layer=extra.get("layer", "last"), batch_size=settings["embeddings"]["batch_size"],
+                                  device=device)
         with torch.no_grad():
             routed = gate(torch.from_numpy(matrix)).argmax(1).tolist()
         for u, k in zip(missing, routed, strict=True):
@@ -123,7 +130,7 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
     model.to(device).train()
     fp16 = use_fp16(tcfg["fp16"], device)
     metrics: dict = {"expert": expert, "n_train": len(train_utts), "n_val": len(val_utts), "val_note": val_note,
-                     "history": []}
+                     "history": [], "utterance_passes": 0, "train_seconds": 0.0}
     best_dir = work_dir / "best_adapter"
     if not train_utts:
         # An empty cluster still gets an adapter (LoRA init = the base model) so routing stays valid;
@@ -152,18 +159,22 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
     resume_path, best_dir = work_dir / "resume.pt", work_dir / "best_adapter"
     state = load_resume(resume_path, fingerprint)
     epoch, skip, global_step, best, since_best = 1, 0, 0, float("inf"), 0
+    passes, seconds = 0, 0.0
     if state:
         set_peft_model_state_dict(model, state["adapter"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         epoch, skip, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
         best, since_best, metrics["history"] = state["best"], state["since_best"], state["history"]
+        passes, seconds = state["utterance_passes"], state["train_seconds"]
+    started = time.perf_counter()
 
     def checkpoint(batch_in_epoch: int, ep: int) -> None:
         save_resume(resume_path, {"fingerprint": fingerprint, "adapter": get_peft_model_state_dict(model),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "epoch": ep, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
-                                  "best": best, "since_best": since_best, "history": metrics["history"]})
+                                  "best": best, "since_best": since_best, "history": metrics["history"],
+                                  "utterance_passes": passes, "train_seconds": seconds + time.perf_counter() - started})
 
     while epoch <= cfg["epochs"] and since_best < tcfg["patience"]:
         loader = make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
@@ -173,7 +184,7 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
             with autocast(fp16, device):
                 out = model(input_features=batch["input_features"].to(device), labels=batch["labels"].to(device))
             scaler.scale(out.loss / accum).backward()
-            running, seen = running + out.loss.item(), seen + 1
+            running, seen, passes = running + out.loss.item(), seen + 1, passes + len(batch["index"])
             if (i + 1) % accum == 0 or i + 1 == batches_per_epoch:
                 scaler.unscale_(optimizer)
                 torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -204,6 +215,8 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
         metrics["val_note"] = "validation loss was never finite; the last weights were kept"
         model.save_pretrained(best_dir)
     metrics["best_val_loss"] = best if math.isfinite(best) else None
+    metrics["utterance_passes"] = passes
+    metrics["train_seconds"] = round(seconds + time.perf_counter() - started, 2)
     return metrics
 
 
@@ -214,7 +227,8 @@ def manifest(expert_dirs: list[Path], out: Path) -> dict:
         if record["expert"] != i:
             raise ValueError(f"{d}: expected expert {i}, found {record['expert']}; experts must be numbered 0..K-1")
         experts.append({"expert": i, "path": str(d), "n_train": record["n_train"],
-                        "best_val_loss": record.get("best_val_loss")})
+                        "best_val_loss": record.get("best_val_loss"), "utterance_passes": record["utterance_passes"],
+                        "train_seconds": record["train_seconds"]})
     result = {"num_experts": len(experts), "experts": experts}
     write_json_atomic(out, result)
     return result

@@ -113,12 +113,37 @@ def train(embeddings_dir: Path, labels_path: Path, out: Path, metrics_out: Path,
     if len(labels) != len(matrix):
         raise ValueError(f"{labels_path} has {len(labels)} labels for {len(matrix)} embeddings; rerun clustering")
     gate, metrics = train_gate(matrix, labels, utts, settings)
-    save_gate(gate, out, extra={"pooling": mapping["pooling"], "base_model": mapping["base_model"],
+    # What the gate's input was: every stage that embeds for this gate must embed the same way.
+    save_gate(gate, out, extra={"pooling": mapping["pooling"], "layer": mapping.get("layer", "last"),
+                                "base_model": mapping["base_model"],
                                 "encoder_window_s": mapping.get("encoder_window_s")})
     write_json_atomic(metrics_out, metrics)
     log.info("gate: %d experts, best epoch %d, val acc %.3f on %d held-out utterances", metrics["num_experts"],
              metrics["best_epoch"], metrics["best_val_acc"], metrics["n_val"])
     return metrics
+
+
+def check_gate_record(extra: dict, *, base_model: str, encoder_window_s: float, pooling: str | None = None,
+                      layer: str | int | None = None, path: str | os.PathLike) -> None:
+    """Raise ValueError unless the gate at `path` was trained on embeddings made the way the caller embeds.
+
+    `extra` is what `train` saved with the gate. Expected values passed as None are not checked, nor
+    are keys the gate file lacks, except `layer`: gates from before that key existed used "last".
+    """
+    recorded = {"base_model": extra.get("base_model"), "encoder_window_s": extra.get("encoder_window_s"),
+                "embeddings.pooling": extra.get("pooling"), "embeddings.layer": extra.get("layer", "last")}
+    expected = {"base_model": base_model, "encoder_window_s": encoder_window_s, "embeddings.pooling": pooling,
+                "embeddings.layer": layer}
+    for key, want in expected.items():
+        have = recorded[key]
+        if want is None or have is None:
+            continue
+        # The window comes from YAML or JSON: 10 and 10.0 are the same setting.
+        same = float(have) == float(want) if key == "encoder_window_s" else have == want
+        if not same:
+            raise ValueError(f"{path}: the gate was trained on embeddings with {key}={have!r}, but this stage "
+                             f"uses {key}={want!r}; rerun the gating stage (and the stages before it) with the "
+                             f"current settings, or set {key} back to {have!r}")
 
 
 def plot(metrics_path: Path, out: Path) -> None:

@@ -58,6 +58,16 @@ class GateMLP(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return self.net((self._check(x) - self.mean) / self.std)
 
+    def route_logits(self, x: Tensor) -> Tensor:
+        """Logits with dropout off, whatever the mode: the route an utterance takes must not depend on a
+        dropout draw, so training routes it exactly as eval will. Dropout still regularises the
+        supervised gate loss, which uses forward()."""
+        h = (self._check(x) - self.mean) / self.std
+        for layer in self.net:
+            if not isinstance(layer, nn.Dropout):
+                h = layer(h)
+        return h
+
 
 def _atomic_path(path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -99,18 +109,26 @@ def load_gate(path: str | os.PathLike) -> GateMLP:
 
 
 class RoutedLoRALinear(nn.Module):
-    """Frozen Linear + K LoRA pairs; each sample only passes through the expert(s) it is routed to."""
+    """Frozen Linear + K LoRA pairs; each sample only passes through the expert(s) it is routed to.
 
-    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float):
+    With `shared`, pair K is one more LoRA that every routed sample passes through (DeepSeekMoE's
+    shared expert): it sees all the data, so each routed expert only has to learn what is specific
+    to its group.
+    """
+
+    def __init__(self, base_layer: nn.Linear, num_experts: int, r: int, alpha: float, dropout: float,
+                 shared: bool = False):
         super().__init__()
         self.base_layer = base_layer
         self.r, self.scaling = r, alpha / r
+        self.num_experts, self.shared = num_experts, shared
         dev = base_layer.weight.device
         # float32 adapters (as PEFT does by default) so a half-precision base still trains stably
+        slots = num_experts + int(shared)
         self.lora_A = nn.ParameterList(
-            [nn.Parameter(torch.empty(r, base_layer.in_features, device=dev)) for _ in range(num_experts)])
+            [nn.Parameter(torch.empty(r, base_layer.in_features, device=dev)) for _ in range(slots)])
         self.lora_B = nn.ParameterList(
-            [nn.Parameter(torch.zeros(base_layer.out_features, r, device=dev)) for _ in range(num_experts)])
+            [nn.Parameter(torch.zeros(base_layer.out_features, r, device=dev)) for _ in range(slots)])
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT/loralib init; B stays zero
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
@@ -123,8 +141,8 @@ class RoutedLoRALinear(nn.Module):
             return
         idx = expert_idx.reshape(expert_idx.shape[0], -1)
         w = torch.ones(idx.shape, device=idx.device) if weights is None else weights.reshape(idx.shape)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= len(self.lora_A)):
-            raise ValueError(f"expert index out of range 0..{len(self.lora_A) - 1}: {idx.tolist()}")
+        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_experts):
+            raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {idx.tolist()}")
         self._routing = (idx, w)
 
     def forward(self, x: Tensor) -> Tensor:
@@ -139,6 +157,9 @@ class RoutedLoRALinear(nn.Module):
                 raise ValueError(f"routing set for batch {idx.shape[0]} but layer got batch {n}")
             idx, w = idx.repeat_interleave(n // idx.shape[0], 0), w.repeat_interleave(n // idx.shape[0], 0)
         bcast = (-1,) + (1,) * (x.dim() - 1)
+        if self.shared:
+            a, b = self.lora_A[self.num_experts], self.lora_B[self.num_experts]
+            out = out + (F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * self.scaling).to(out.dtype)
         for k in torch.unique(idx).tolist():
             hit = idx == k
             rows = hit.any(1).nonzero().squeeze(1)
@@ -194,7 +215,7 @@ class MoEWhisper(nn.Module):
 
     def __init__(self, base_model: nn.Module, num_experts: int, r: int = 8, alpha: float = 16,
                  dropout: float = 0.05, target_modules: str | Sequence[str] = DEFAULT_TARGETS,
-                 gate: GateMLP | None = None, weighting: str = "prob"):
+                 gate: GateMLP | None = None, weighting: str = "prob", shared: bool = False):
         super().__init__()
         if weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -202,7 +223,7 @@ class MoEWhisper(nn.Module):
             raise ValueError(f"gate has {gate.config['num_experts']} outputs but MoE has {num_experts} experts")
         targets = target_modules if isinstance(target_modules, str) else list(target_modules)
         self.config = {"num_experts": num_experts, "r": r, "alpha": alpha, "dropout": dropout,
-                       "target_modules": targets, "weighting": weighting}
+                       "target_modules": targets, "weighting": weighting, "shared": shared}
         self.base = base_model
         self.base.requires_grad_(False)
         # plain dict: the layers are already registered as submodules of base
@@ -213,7 +234,7 @@ class MoEWhisper(nn.Module):
             if not isinstance(module, nn.Linear):
                 raise ValueError(f"target module {name} is a {type(module).__name__}, only nn.Linear is supported")
             parent_name, _, child = name.rpartition(".")
-            layer = RoutedLoRALinear(module, num_experts, r, alpha, dropout)
+            layer = RoutedLoRALinear(module, num_experts, r, alpha, dropout, shared)
             setattr(base_model.get_submodule(parent_name), child, layer)
             self.layers[name] = layer
         if not self.layers:
@@ -232,7 +253,7 @@ class MoEWhisper(nn.Module):
         task loss reaches the gate; "straight_through" weighting has value 1 but the same gradient path."""
         if self.gate is None:
             raise ValueError("this MoE has no gate; pass expert_idx explicitly or build it with gate=GateMLP(...)")
-        logits = self.gate(embeddings)
+        logits = self.gate.route_logits(embeddings)
         probs = logits.softmax(-1)
         top_p, idx = probs.topk(top_k, dim=-1)
         weights = top_p / top_p.detach() if self.config["weighting"] == "straight_through" else top_p
@@ -275,7 +296,7 @@ class MoEWhisper(nn.Module):
         if cluster_labels is not None:
             if gate_inputs is None:
                 raise ValueError("cluster_labels need gate_inputs to train the gate on")
-            logits = routed.logits if routed is not None else self.gate(gate_inputs)
+            logits = self.gate(gate_inputs)  # with dropout in training, unlike the route
             gate_loss = F.cross_entropy(logits, cluster_labels.to(logits.device))
         with self.routing(idx, weights):
             task = self.base(input_features=input_features, labels=labels).loss
@@ -298,13 +319,19 @@ class MoEWhisper(nn.Module):
                           target_modules=c["target_modules"], bias="none",
                           base_model_name_or_path=getattr(self.base.config, "_name_or_path", None) or None)
 
+    @property
+    def shared_index(self) -> int | None:
+        """Slot of the shared adapter in every layer's lora_A/lora_B (None without one)."""
+        return self.num_experts if self.config["shared"] else None
+
     def _check_expert(self, k: int) -> None:
-        if not 0 <= k < self.num_experts:
-            raise ValueError(f"expert {k} out of range 0..{self.num_experts - 1}")
+        last = self.num_experts - 1 + int(self.config["shared"])
+        if not 0 <= k <= last:
+            raise ValueError(f"expert {k} out of range 0..{last}")
 
     @torch.no_grad()
     def load_expert_adapter(self, k: int, peft_dir: str | os.PathLike) -> None:
-        """Copy a PEFT LoRA adapter folder (same r, alpha, target modules) into expert k."""
+        """Copy a PEFT LoRA adapter folder (same r, alpha, target modules) into expert k (or shared_index)."""
         self._check_expert(k)
         peft_dir = Path(peft_dir)
         cfg_path, w_path = peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"
@@ -348,10 +375,12 @@ class MoEWhisper(nn.Module):
             save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        """expert_<k>/ PEFT folders + gate.pt (if any) + moe_config.json, written atomically."""
+        """expert_<k>/ (and shared/) PEFT folders + gate.pt (if any) + moe_config.json, written atomically."""
         with _atomic_dir(Path(out_dir)) as tmp:
             for k in range(self.num_experts):
                 self.save_expert_adapter(k, tmp / f"expert_{k}")
+            if self.shared_index is not None:
+                self.save_expert_adapter(self.shared_index, tmp / "shared")
             if self.gate is not None:
                 save_gate(self.gate, tmp / "gate.pt")
             (tmp / "moe_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
@@ -373,4 +402,6 @@ class MoEWhisper(nn.Module):
         moe = cls(base_model, gate=gate, **cfg)
         for k in range(moe.num_experts):
             moe.load_expert_adapter(k, moe_dir / f"expert_{k}")
+        if moe.shared_index is not None:
+            moe.load_expert_adapter(moe.shared_index, moe_dir / "shared")
         return moe

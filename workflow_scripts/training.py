@@ -80,15 +80,17 @@ class Collate:
 
 
 def make_loader(utts: Sequence[Utterance], processor, *, batch_size: int, num_workers: int,
-                shuffle: bool, seed: int = 0, skip_batches: int = 0) -> DataLoader:
+                shuffle: bool, seed: int = 0, skip_batches: int = 0, limit: int | None = None) -> DataLoader:
     """Batches in a seeded order; `skip_batches` drops the ones a resumed run has already trained on.
 
     The order depends only on the seed, so a resumed epoch sees exactly the batches the interrupted
-    one had left, without decoding the audio of the skipped ones.
+    one had left, without decoding the audio of the skipped ones. `limit` keeps only the first
+    utterances of that order (the last, partial epoch of a training budget in utterance passes).
     """
     order = torch.arange(len(utts))
     if shuffle:
         order = torch.randperm(len(utts), generator=torch.Generator().manual_seed(seed))
+    order = order[:limit]
     # Its own generator: DataLoader otherwise draws worker seeds from the global RNG, which would
     # shift dropout after a resume.
     return DataLoader(AudioDataset(utts), batch_size=batch_size, sampler=order[skip_batches * batch_size:].tolist(),

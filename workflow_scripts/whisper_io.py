@@ -48,9 +48,25 @@ def encoder_frames(num_samples: int) -> int:
     return max(1, math.ceil(num_samples / SAMPLES_PER_ENCODER_FRAME))
 
 
-def pooled_embeddings(model: WhisperForConditionalGeneration, features: torch.Tensor,
-                      num_samples: Sequence[int], pooling: str = "mean") -> torch.Tensor:
-    """Utterance embeddings (B, d) or (B, 2d) from the encoder's last layer.
+def encoder_layer_index(layer: str | int, num_layers: int) -> int:
+    """Index into the encoder's hidden states for the `embeddings.layer` setting.
+
+    0 is the input to the first encoder layer (convs + positional embedding), i the output of layer i.
+    `transformers` replaces the last entry of `hidden_states` by `last_hidden_state`, the output of
+    the final layer norm, so `num_layers` and "last" are the same features: the model's final output.
+    """
+    if layer == "last":
+        return num_layers
+    if isinstance(layer, bool) or not isinstance(layer, int) or not 0 <= layer <= num_layers:
+        raise ValueError(f"embeddings.layer={layer!r} is out of range: this encoder has {num_layers} layers; "
+                         f"use 'last' or an integer from 0 (input to the first layer) to {num_layers} "
+                         "(output of the last layer, after the final layer norm)")
+    return layer
+
+
+def pooled_layers(model: WhisperForConditionalGeneration, features: torch.Tensor, num_samples: Sequence[int],
+                  pooling: str, layers: Sequence[str | int]) -> list[torch.Tensor]:
+    """Pooled embeddings at each of `layers` (see `encoder_layer_index`) from one encoder pass.
 
     Only frames covering real audio are pooled: the padded tail is silence, and averaging it in
     would make every short clip look alike. Run under torch.no_grad() when extracting.
@@ -58,18 +74,35 @@ def pooled_embeddings(model: WhisperForConditionalGeneration, features: torch.Te
     if pooling not in ("mean", "mean_std"):
         raise ValueError(f"pooling={pooling!r}: use 'mean' or 'mean_std'")
     encoder = model.get_encoder()
+    num_layers = len(encoder.layers)
+    indices = [encoder_layer_index(layer, num_layers) for layer in layers]
+    # The per-layer tuple holds num_layers + 1 (B, T, d) tensors: ask for it only when needed.
+    need_all = any(i < num_layers for i in indices)
     param = next(encoder.parameters())
-    hidden = encoder(features.to(param.device, param.dtype)).last_hidden_state  # (B, T, d)
-    frames = torch.tensor([min(encoder_frames(n), hidden.shape[1]) for n in num_samples],
-                          device=hidden.device)
-    mask = (torch.arange(hidden.shape[1], device=hidden.device)[None, :] < frames[:, None])
-    mask = mask.unsqueeze(-1).to(hidden.dtype)
-    count = frames[:, None].to(hidden.dtype)
-    mean = (hidden * mask).sum(dim=1) / count
-    if pooling == "mean":
-        return mean
-    var = (((hidden - mean[:, None, :]) ** 2) * mask).sum(dim=1) / count
-    return torch.cat([mean, var.clamp_min(0).sqrt()], dim=-1)
+    out = encoder(features.to(param.device, param.dtype), output_hidden_states=need_all)
+    last = out.last_hidden_state  # (B, T, d); every layer has the same frames
+    frames = torch.tensor([min(encoder_frames(n), last.shape[1]) for n in num_samples], device=last.device)
+    mask = (torch.arange(last.shape[1], device=last.device)[None, :] < frames[:, None]).unsqueeze(-1).to(last.dtype)
+    count = frames[:, None].to(last.dtype)
+    pooled = []
+    for i in indices:
+        hidden = last if i == num_layers else out.hidden_states[i]
+        mean = (hidden * mask).sum(dim=1) / count
+        if pooling == "mean":
+            pooled.append(mean)
+        else:
+            std = ((((hidden - mean[:, None, :]) ** 2) * mask).sum(dim=1) / count).clamp_min(0).sqrt()
+            pooled.append(torch.cat([mean, std], dim=-1))
+    return pooled
+
+
+def pooled_embeddings(model: WhisperForConditionalGeneration, features: torch.Tensor,
+                      num_samples: Sequence[int], pooling: str = "mean", layer: str | int = "last") -> torch.Tensor:
+    """Utterance embeddings (B, d) or (B, 2d) pooled over the real-audio frames of one encoder layer.
+
+    `layer`: "last" (the encoder's final output) or an index, see `encoder_layer_index`.
+    """
+    return pooled_layers(model, features, num_samples, pooling, [layer])[0]
 
 
 def _is_multilingual(vocab_size: int) -> bool:

@@ -1,0 +1,120 @@
+"""Joint training's routing hygiene and budgets: the route an utterance takes in training is the one eval
+takes, the load-balancing loss sees the whole accumulation window, a random gate gets standardised
+inputs, a budget of utterance passes is exact, early stopping counts what it says."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from workflow_scripts import asr
+from workflow_scripts.decoding import gate_inputs, route_utterances
+from workflow_scripts.moe import load_balance_loss, read_gate_file
+from workflow_scripts.sap_data import DataReport, read_split, read_utterances, write_utterances
+from workflow_scripts.settings import default_run
+from workflow_scripts.training import make_loader
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
+
+@pytest.fixture(scope="module")
+def utterance_files(tiny_corpus, tmp_path_factory):
+    train = read_split(tiny_corpus, "Train", DataReport(), max_duration_s=10)
+    folder = tmp_path_factory.mktemp("lists")
+    val_speakers = set(sorted({u.speaker for u in train})[:2])
+    write_utterances(folder / "train.json", [u for u in train if u.speaker not in val_speakers][:8])
+    write_utterances(folder / "val.json", [u for u in train if u.speaker in val_speakers][:2])
+    return folder
+
+
+def settings(**sections) -> dict:
+    s = default_run()
+    s.update(base_model="tiny-random", encoder_window_s=10, num_experts=3, skip_pretraining=True, seed=7)
+    s["lora"].update(r=4, alpha=8)
+    s["asr"].update(epochs=1, batch_size=4)
+    s["training"].update(select_best_by="loss")
+    for section, values in sections.items():
+        s[section].update(values)
+    return s
+
+
+def test_training_and_eval_route_each_utterance_to_the_same_expert(utterance_files, tiny_random):
+    s = settings()
+    moe, processor, pooling, layer = asr.build_moe(str(tiny_random), s, None, None)
+    utts = read_utterances(utterance_files / "train.json")
+    moe.gate.fit_standardization(gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=4,
+                                             device=torch.device("cpu")))
+    with torch.no_grad():
+        # A gate whose dropout, were it on when routing, would reshuffle the routes.
+        for p in moe.gate.parameters():
+            p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
+        moe.gate.net[2].p = 0.9
+    ctx = asr.Context(s["asr"], pooling, layer, [-100] * len(utts), None, torch.device("cpu"), False)
+    moe.train()
+    trained = []
+    for batch in make_loader(utts, processor, batch_size=4, num_workers=0, shuffle=False):
+        trained += asr.run_batch(moe, batch, ctx)["expert_idx"].tolist()
+    moe.eval()
+    evaluated, _ = route_utterances(moe, processor, utts, "gate", pooling=pooling, layer=layer, batch_size=3)
+    assert trained == evaluated
+    assert len(set(trained)) > 1  # a real choice was made, not one expert for everything
+
+
+def test_balance_loss_is_computed_over_the_whole_window(tiny_random):
+    s = settings()
+    moe, *_ = asr.build_moe(str(tiny_random), s, None, None)
+    emb = [torch.randn(2, moe.gate.config["input_dim"], generator=torch.Generator().manual_seed(i)) for i in range(3)]
+    routes = [moe.route(e).expert_idx for e in emb]
+    window = asr.window_balance_loss(moe, emb, routes)
+    together = moe.route(torch.cat(emb))
+    assert torch.allclose(window, load_balance_loss(together.probs, together.expert_idx))
+    per_micro_batch = torch.stack([load_balance_loss(moe.route(e).probs, r)
+                                   for e, r in zip(emb, routes, strict=True)]).mean()
+    assert not torch.allclose(window, per_micro_batch)
+
+
+def test_random_gate_gets_the_input_standardisation_of_a_pretrained_one(utterance_files, tiny_random, tmp_path):
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
+                       tmp_path / "out", tmp_path / "work", settings())
+    assert record["pretrained"] is False
+    gate, _ = read_gate_file(tmp_path / "out" / "gate.pt")
+    moe, processor, pooling, layer = asr.build_moe(str(tiny_random), settings(), None, None)
+    emb = gate_inputs(moe, processor, read_utterances(utterance_files / "train.json"), pooling=pooling, layer=layer,
+                      batch_size=4, device=torch.device("cpu"))
+    torch.testing.assert_close(gate.mean, emb.mean(0), atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(gate.std, emb.std(0, unbiased=False).clamp_min(1e-6), atol=1e-4, rtol=1e-4)
+
+
+def test_budget_of_utterance_passes_is_exact(utterance_files, tiny_random, tmp_path):
+    s = {**settings(), "num_experts": 1}
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
+                       tmp_path / "out", tmp_path / "work", s, max_passes=11)
+    assert record["utterance_passes"] == 11  # 8 in epoch 1, the first 3 of epoch 2's order
+    assert [h["epoch"] for h in record["history"]] == [1, 2]
+    assert record["trainable_params"]["gate"] == 0 and record["num_experts"] == 1
+
+
+def test_best_checkpoint_by_validation_wer_is_recorded(utterance_files, tiny_random, tmp_path):
+    s = settings(training={"select_best_by": "wer", "val_wer_samples": 2})
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
+                       tmp_path / "out", tmp_path / "work", s)
+    assert record["selected_by"] == "wer" and record["n_val_wer"] == 2
+    assert record["best_val_wer"] == record["history"][0]["val_wer"] is not None
+
+
+@pytest.mark.parametrize(("unit", "epochs_run"), [("epochs", 4), ("validations", 6)])
+def test_patience_counts_epochs_or_validations(utterance_files, tiny_random, tmp_path, monkeypatch, unit,
+                                               epochs_run):
+    """Validations every 2 epochs, each worse than the first; patience 2 stops after 2 epochs or 2
+    validations without improvement."""
+    losses = iter([1.0, 2.0, 3.0])
+    monkeypatch.setattr(asr, "validate", lambda moe, *a: {"val_loss": next(losses),
+                                                          "val_expert_usage": [0] * moe.num_experts})
+    s = settings(asr={"epochs": 6, "batch_size": 8},
+                 training={"eval_every_n_epochs": 2, "patience": 2, "patience_unit": unit})
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
+                       tmp_path / "out", tmp_path / "work", copy.deepcopy(s))
+    assert len(record["history"]) == epochs_run
+    assert record["best_epoch"] == 2

@@ -1,0 +1,117 @@
+"""Who goes to which expert, and routed greedy decoding: shared by validation, eval and the comparison.
+
+A route is decided once per utterance, before decoding, by one of:
+- `gate`: the gate on the utterance's pooled base-encoder embedding (dropout off, as in training);
+- `gate_speaker`: the gate's probabilities averaged over all utterances of a speaker, so every
+  utterance of a speaker goes to the same expert (etiology and severity belong to the speaker);
+- `random_speaker`: each speaker to a fixed, seeded random expert (the control for learned routing);
+- `etiology`: the true etiology label (the oracle for routing by etiology).
+The same function serves training and eval, so an utterance takes the same route in both.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from workflow_scripts.moe import MoEWhisper
+from workflow_scripts.sap_data import Utterance, load_audio
+from workflow_scripts.whisper_io import generate_kwargs, input_features, pooled_embeddings
+
+log = logging.getLogger("decoding")
+FIXED_ROUTINGS = ("random_speaker", "etiology")
+ROUTINGS = ("gate", "gate_speaker", *FIXED_ROUTINGS)
+
+
+def fixed_experts(utts: Sequence[Utterance], routing: str, num_experts: int, etiologies: Sequence[str],
+                  seed: int) -> list[int]:
+    """Expert of each utterance under a routing that ignores the audio.
+
+    random_speaker: the sorted speakers are shuffled with `seed` and dealt round-robin, so every
+    expert gets speakers (a hash could leave one empty) and a speaker's utterances stay together.
+    etiology: expert i serves etiologies[i].
+    """
+    if num_experts == 1:
+        return [0] * len(utts)
+    if routing == "etiology":
+        if len(etiologies) != num_experts:
+            raise ValueError(f"etiology routing needs one expert per etiology: {len(etiologies)} etiologies "
+                             f"({list(etiologies)}) but {num_experts} experts; set num_experts to {len(etiologies)}")
+        index = {e: i for i, e in enumerate(etiologies)}
+        unknown = sorted({u.etiology for u in utts} - set(index))
+        if unknown:
+            raise ValueError(f"etiology routing: utterances of {unknown} have no expert; list them in `etiologies`")
+        return [index[u.etiology] for u in utts]
+    if routing == "random_speaker":
+        speakers = sorted({u.speaker for u in utts})
+        random.Random(seed).shuffle(speakers)
+        expert_of = {s: i % num_experts for i, s in enumerate(speakers)}
+        return [expert_of[u.speaker] for u in utts]
+    raise ValueError(f"routing {routing!r} is not a fixed routing; use one of {FIXED_ROUTINGS}")
+
+
+@torch.no_grad()
+def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, pooling: str, layer: str | int,
+                batch_size: int, device: torch.device) -> torch.Tensor:
+    """Pooled base-encoder embeddings (routing is off outside moe.routing(), so no LoRA) of each utterance."""
+    rows = []
+    for begin in range(0, len(utts), batch_size):
+        audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
+        feats = input_features(processor, audios).to(device)
+        rows.append(pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=pooling,
+                                      layer=layer).float().cpu())
+    return torch.cat(rows) if rows else torch.zeros(0, 1)
+
+
+@torch.no_grad()
+def route_utterances(moe: MoEWhisper, processor, utts: Sequence[Utterance], routing: str, *, pooling: str = "mean",
+                     layer: str | int = "last", etiologies: Sequence[str] = (), seed: int = 0, batch_size: int = 8,
+                     device: torch.device | None = None) -> tuple[list[int], list[float] | None]:
+    """(expert, routing weight or None) per utterance; weights are None for full-strength experts."""
+    if routing in FIXED_ROUTINGS or moe.num_experts == 1:
+        return fixed_experts(utts, routing, moe.num_experts, etiologies, seed), None
+    if routing not in ("gate", "gate_speaker"):
+        raise ValueError(f"unknown routing {routing!r}; use one of {ROUTINGS}")
+    emb = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=batch_size,
+                      device=device or torch.device("cpu"))
+    routed = moe.route(emb.to(next(moe.gate.parameters()).device))
+    idx, weights = routed.expert_idx.cpu(), routed.weights.cpu()
+    if routing == "gate_speaker":
+        probs = routed.probs.cpu().numpy()
+        speakers = np.array([u.speaker for u in utts])
+        idx = idx.clone()
+        for s in np.unique(speakers):
+            rows = speakers == s
+            idx[torch.from_numpy(rows)] = int(probs[rows].mean(0).argmax())
+        # The expert's weight is the utterance's own probability for it, as the gate would give it.
+        weights = routed.probs.cpu().gather(1, idx[:, None]).squeeze(1)
+        if moe.config["weighting"] == "straight_through":
+            weights = torch.ones_like(weights)
+    return idx.tolist(), weights.tolist()
+
+
+@torch.no_grad()
+def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts: Sequence[int],
+                  weights: Sequence[float] | None, *, batch_size: int, device: torch.device,
+                  baseline: bool = False) -> tuple[list[str], list[str] | None]:
+    """Greedy transcripts with each utterance through its expert (and, with baseline, the base model alone)."""
+    hyps: list[str] = []
+    base_hyps: list[str] | None = [] if baseline else None
+    for begin in range(0, len(utts), batch_size):
+        batch = utts[begin:begin + batch_size]
+        audios = [load_audio(u.wav) for u in batch]
+        feats = input_features(processor, audios).to(device)
+        kwargs = generate_kwargs(moe.base, [len(a) for a in audios])
+        w = None if weights is None else torch.tensor(weights[begin:begin + batch_size])
+        with moe.routing(experts[begin:begin + batch_size], w):
+            ids = moe.base.generate(feats, **kwargs)
+        hyps.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
+        if base_hyps is not None:
+            ids = moe.base.generate(feats, **kwargs)  # routing is off again: the frozen base model
+            base_hyps.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
+        log.info("decoded %d / %d", begin + len(batch), len(utts))
+    return hyps, base_hyps
