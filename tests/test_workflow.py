@@ -257,6 +257,15 @@ def test_quick_comparison_controls_are_matched(quick_comparison):
     assert summary["zero_shot"]["encoder_window_s"] == 30 and moe["encoder_window_s"] == 10
 
 
+def test_eval_speaker_routing_equals_decoding_every_utterance_again(quick_comparison):
+    """eval re-decodes only the utterances whose expert changes under per-speaker routing; the result must
+    equal the comparison's variant that decodes every utterance with those routes."""
+    in_eval = json.loads((quick_comparison / "moe" / "metrics.json").read_text())["speaker_routing"]
+    full = json.loads((quick_comparison / "compare.json").read_text())["variants"]["moe_speaker_routing"]
+    assert in_eval["overall"] == full["overall"] and in_eval["per_etiology"] == full["per_etiology"]
+    assert in_eval["expert_usage"] == full["expert_usage"]
+
+
 def test_quick_comparison_random_routing_keeps_each_speaker_on_one_expert(quick_comparison):
     rows = list(csv.DictReader((quick_comparison / "moe_random_routing" / "per_utterance.tsv").open(),
                                delimiter="\t"))

@@ -4,8 +4,11 @@ The gate routes each utterance (top-1) from its pooled base-encoder embedding; o
 samples pass through each expert, and every routed expert gets gradients in the same backward pass
 (no PEFT `set_adapter`, which freezes the others). The gate learns through its routing probability,
 a load-balancing loss that keeps routing from collapsing onto one expert, and (after pretraining) a
-cross-entropy towards each utterance's pretraining cluster. Gradient accumulation, periodic and
-resume checkpoints under --work-dir, early stopping; the best validation loss goes to --out.
+cross-entropy towards each utterance's pretraining cluster; the route is chosen with dropout off,
+exactly as eval chooses it (workflow_scripts/decoding.py). `asr.routing` swaps the gate for a
+fixed control routing, and one expert makes it a plain LoRA (the comparison's controls).
+Gradient accumulation, periodic and resume checkpoints under --work-dir, early stopping; the best
+validation WER (or loss, training.select_best_by) goes to --out.
 
     python -m workflow_scripts.asr --train data/asr_train.json --val data/asr_val.json --base-model M \
         [--gating gating.pt --experts experts/manifest.json --assignment experts/assignment.json] \
@@ -26,7 +29,14 @@ from typing import NamedTuple
 import torch
 from transformers import get_linear_schedule_with_warmup
 
-from workflow_scripts.decoding import FIXED_ROUTINGS, decode_routed, fixed_experts, gate_inputs, route_utterances
+from workflow_scripts.decoding import (
+    FIXED_ROUTINGS,
+    decode_routed,
+    eval_mode,
+    fixed_experts,
+    gate_inputs,
+    route_utterances,
+)
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import GateMLP, MoEWhisper, load_balance_loss, read_gate_file
 from workflow_scripts.sampling import sample_utterances
@@ -118,8 +128,9 @@ def run_batch(moe: MoEWhisper, batch: dict, ctx: Context) -> dict:
         with autocast(ctx.fp16, ctx.device):
             out = moe(feats, labels, expert_idx=idx)
         return {**out, "gate_inputs": None}
-    with torch.no_grad():
-        # The gate sees the base encoder's embedding (no LoRA: routing is off outside moe.routing()).
+    with torch.no_grad(), eval_mode(moe.base):
+        # The gate sees the base encoder's embedding (no LoRA: routing is off outside moe.routing()),
+        # computed exactly as eval computes it.
         emb = pooled_embeddings(moe.base, feats, batch["num_samples"], pooling=ctx.pooling, layer=ctx.layer).float()
     clusters = torch.tensor([ctx.targets[i] for i in batch["index"]], device=ctx.device)
     use_clusters = ctx.cfg["gate_supervision_weight"] > 0 and bool((clusters >= 0).any())

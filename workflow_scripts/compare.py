@@ -67,9 +67,10 @@ def train_variant(variant: str, train_path: Path, val_path: Path, base_model: st
 
 
 def _cost(model_dir: Path) -> dict:
-    """Trainable parameters, training seconds and utterance passes of a trained model (pretraining included)."""
+    """Trainable parameters, training seconds and utterance passes of a trained model (pretraining included),
+    and its validation WER: design choices are made on held-out Train speakers, not on the eval set."""
     r = json.loads((model_dir / "training.json").read_text())
-    return {"trainable_params": r["trainable_params"],
+    return {"trainable_params": r["trainable_params"], "val_wer": r["best_val_wer"],
             "train_seconds": round(r["train_seconds"] + r["pretraining_seconds"], 2),
             "utterance_passes": r["utterance_passes"] + r["pretraining_utterance_passes"]}
 
@@ -88,7 +89,8 @@ def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int)
         hyps += transcribe(model, processor, audios, batch_size=batch_size)
     extra = {"num_experts": 0, "routing": None, "base_model": base_model, "encoder_window_s": window_seconds(model),
              "decode_seconds": round(time.perf_counter() - start, 2),
-             "trainable_params": {"lora": 0, "gate": 0, "total": 0}, "train_seconds": 0.0, "utterance_passes": 0}
+             "trainable_params": {"lora": 0, "gate": 0, "total": 0}, "train_seconds": 0.0, "utterance_passes": 0,
+             "val_wer": None}
     return evaluation.write_results(utts, [None] * len(utts), hyps, out_dir, extra)
 
 

@@ -97,7 +97,7 @@ def summarize(variants_dir: Path, variants: list[str], seed: int) -> dict:
             "num_experts": metrics["num_experts"],
             "routing": routing_agreement(rows[v]),
             **{k: metrics.get(k) for k in ("trainable_params", "train_seconds", "utterance_passes",
-                                           "encoder_window_s")},
+                                           "encoder_window_s", "val_wer")},
         }
     singles = [v for v in SINGLE_LORA if v in rows]
     best = min(singles, key=lambda v: result["variants"][v]["overall"]["wer"])
@@ -146,10 +146,11 @@ def render_markdown(result: dict, variants: list[str], title: str) -> str:
              "`python -m workflow_scripts.scoring <variant>/per_utterance.tsv`). Δ is the WER difference in points "
              f"to the best single LoRA (`{best}`, chosen on this same eval set, which favours the control); "
              f"the 95 % interval comes from {BOOTSTRAP_DRAWS} speaker-level bootstrap draws "
-             f"(seed {result['bootstrap']['seed']}).", "",
+             f"(seed {result['bootstrap']['seed']}). val WER: greedy WER on held-out Train speakers of the checkpoint "
+             "kept (the same for both routings of one model), the number to choose a design by.", "",
              "| variant | WER | CER | Δ WER vs best LoRA [95 % CI] | relative | NMI eti | ARI eti | NMI spk | ARI spk "
-             "| trainable params | utterance passes | train s |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| val WER | trainable params | utterance passes | train s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for v in variants:
         e = v_all[v]
         cmp, r = e["vs_best_single_lora"], e["routing"] or {}
@@ -159,7 +160,8 @@ def render_markdown(result: dict, variants: list[str], title: str) -> str:
             f"| {v} | {_pct(e['overall']['wer'])} | {_pct(e['overall']['cer'])} | "
             f"{100 * cmp['wer_diff']:+.2f} [{100 * cmp['ci95'][0]:+.2f}, {100 * cmp['ci95'][1]:+.2f}] | {rel} | "
             + " | ".join(str(r.get(k, "—")) for k in ("nmi_etiology", "ari_etiology", "nmi_speaker", "ari_speaker"))
-            + f" | {params.get('lora', 0):,} + {params.get('gate', 0):,} gate | {e['utterance_passes']} "
+            + f" | {_pct(e['val_wer'])} | {params.get('lora', 0):,} + {params.get('gate', 0):,} gate"
+            f" | {e['utterance_passes']} "
             f"| {e['train_seconds']} |")
     lines += ["", "## WER per etiology (%)", "",
               "| variant | " + " | ".join(f"{eti} (n={v_all[variants[0]]['per_etiology'][eti]['n']})"

@@ -11,9 +11,10 @@ The same function serves training and eval, so an utterance takes the same route
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -54,6 +55,18 @@ def fixed_experts(utts: Sequence[Utterance], routing: str, num_experts: int, eti
     raise ValueError(f"routing {routing!r} is not a fixed routing; use one of {FIXED_ROUTINGS}")
 
 
+@contextlib.contextmanager
+def eval_mode(module: torch.nn.Module) -> Iterator[None]:
+    """The module in eval mode inside the block, its own mode afterwards: a gate input must not depend
+    on a dropout draw, or training would route an utterance differently from eval."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
 @torch.no_grad()
 def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, pooling: str, layer: str | int,
                 batch_size: int, device: torch.device) -> torch.Tensor:
@@ -62,9 +75,30 @@ def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, poolin
     for begin in range(0, len(utts), batch_size):
         audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
         feats = input_features(processor, audios).to(device)
-        rows.append(pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=pooling,
-                                      layer=layer).float().cpu())
+        with eval_mode(moe.base):
+            pooled = pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
+        rows.append(pooled.float().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 1)
+
+
+@torch.no_grad()
+def gate_routes(moe: MoEWhisper, embeddings: torch.Tensor,
+                speakers: Sequence[str] | None = None) -> tuple[list[int], list[float]]:
+    """(expert, weight) per utterance from the gate; with `speakers`, each speaker's utterances all go to
+    the expert of the gate's mean probabilities over them (weight: the utterance's own probability)."""
+    routed = moe.route(embeddings.to(next(moe.gate.parameters()).device))
+    idx, weights = routed.expert_idx.cpu(), routed.weights.cpu()
+    if speakers is not None:
+        probs = routed.probs.cpu().numpy()
+        names = np.array(speakers)
+        idx = idx.clone()
+        for s in np.unique(names):
+            rows = names == s
+            idx[torch.from_numpy(rows)] = int(probs[rows].mean(0).argmax())
+        weights = routed.probs.cpu().gather(1, idx[:, None]).squeeze(1)
+        if moe.config["weighting"] == "straight_through":
+            weights = torch.ones_like(weights)
+    return idx.tolist(), weights.tolist()
 
 
 @torch.no_grad()
@@ -78,20 +112,7 @@ def route_utterances(moe: MoEWhisper, processor, utts: Sequence[Utterance], rout
         raise ValueError(f"unknown routing {routing!r}; use one of {ROUTINGS}")
     emb = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=batch_size,
                       device=device or torch.device("cpu"))
-    routed = moe.route(emb.to(next(moe.gate.parameters()).device))
-    idx, weights = routed.expert_idx.cpu(), routed.weights.cpu()
-    if routing == "gate_speaker":
-        probs = routed.probs.cpu().numpy()
-        speakers = np.array([u.speaker for u in utts])
-        idx = idx.clone()
-        for s in np.unique(speakers):
-            rows = speakers == s
-            idx[torch.from_numpy(rows)] = int(probs[rows].mean(0).argmax())
-        # The expert's weight is the utterance's own probability for it, as the gate would give it.
-        weights = routed.probs.cpu().gather(1, idx[:, None]).squeeze(1)
-        if moe.config["weighting"] == "straight_through":
-            weights = torch.ones_like(weights)
-    return idx.tolist(), weights.tolist()
+    return gate_routes(moe, emb, [u.speaker for u in utts] if routing == "gate_speaker" else None)
 
 
 @torch.no_grad()

@@ -1,7 +1,8 @@
 """Stage 6: greedy decoding of the eval split with each utterance's routed expert, scored by the SAP rule.
 
-Writes eval/metrics.json (overall and per-etiology WER/CER, expert usage per etiology) and
-eval/per_utterance.tsv (id, speaker, etiology, expert, reference, hypothesis, wer).
+Writes eval/metrics.json (overall and per-etiology WER/CER, expert usage per etiology; for a learned
+gate also `speaker_routing`: the scores with each speaker's utterances routed together by the gate's
+mean probabilities) and eval/per_utterance.tsv (id, speaker, etiology, expert, reference, hypothesis, wer).
 
     python -m workflow_scripts.eval --model results/quick/asr_best --utterances results/quick/data/eval.json \
         --base-model results/_models/tiny.en --out-dir results/quick/eval --settings '{...}'
@@ -20,7 +21,7 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.decoding import ROUTINGS, decode_routed, route_utterances
+from workflow_scripts.decoding import ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus, score_utterance
@@ -62,6 +63,28 @@ def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[s
     return metrics
 
 
+def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts: list[int], hyps: list[str],
+                     routes: tuple[list[int], list[float]], cfg: dict, device) -> dict:
+    """Scores with each speaker's utterances all sent to the expert of the gate's mean probabilities.
+
+    Greedy decoding through the same expert gives the same text, so only the utterances whose expert
+    changes are decoded again.
+    """
+    spk_experts, spk_weights = routes
+    changed = [i for i, (a, b) in enumerate(zip(experts, spk_experts, strict=True)) if a != b]
+    redone, _ = decode_routed(moe, processor, [utts[i] for i in changed], [spk_experts[i] for i in changed],
+                              [spk_weights[i] for i in changed], batch_size=cfg["batch_size"], device=device)
+    spk_hyps = list(hyps)
+    for i, hyp in zip(changed, redone, strict=True):
+        spk_hyps[i] = hyp
+    usage: dict[str, Counter] = defaultdict(Counter)
+    for u, k in zip(utts, spk_experts, strict=True):
+        usage[u.etiology][str(k)] += 1
+    return {**score_corpus((u.transcript, h, u.etiology) for u, h in zip(utts, spk_hyps, strict=True)),
+            "utterances_rerouted": len(changed),
+            "expert_usage": {eti: dict(sorted(c.items())) for eti, c in sorted(usage.items())}}
+
+
 def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, settings: dict,
              routing: str | None = None) -> dict:
     """Decode with each utterance's expert, routed as in training (or by `routing`, e.g. gate_speaker)."""
@@ -76,19 +99,30 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
     cfg = settings["eval"]
     routing = routing or record["routing"]
     start = time.perf_counter()
-    experts, weights = route_utterances(moe, processor, utts, routing, pooling=record["pooling"],
-                                        layer=record["layer"], etiologies=record["etiologies"], seed=record["seed"],
-                                        batch_size=cfg["batch_size"], device=device)
+    speaker_routes = None
+    if routing == "gate" and moe.num_experts > 1:
+        emb = gate_inputs(moe, processor, utts, pooling=record["pooling"], layer=record["layer"],
+                          batch_size=cfg["batch_size"], device=device)
+        experts, weights = gate_routes(moe, emb)
+        speaker_routes = gate_routes(moe, emb, [u.speaker for u in utts])
+    else:
+        experts, weights = route_utterances(moe, processor, utts, routing, pooling=record["pooling"],
+                                            layer=record["layer"], etiologies=record["etiologies"],
+                                            seed=record["seed"], batch_size=cfg["batch_size"], device=device)
     hyps, base_hyps = decode_routed(moe, processor, utts, experts, weights, batch_size=cfg["batch_size"],
                                     device=device, baseline=cfg["baseline"])
     extra = {"num_experts": moe.num_experts, "routing": routing, "base_model": base_model,
-             "encoder_window_s": record["encoder_window_s"], "decode_seconds": round(time.perf_counter() - start, 2)}
+             "encoder_window_s": record["encoder_window_s"]}
+    if speaker_routes is not None:
+        extra["speaker_routing"] = _speaker_routing(moe, processor, utts, experts, hyps, speaker_routes, cfg, device)
+    extra["decode_seconds"] = round(time.perf_counter() - start, 2)
     if base_hyps is not None:
         # The frozen base model on the same utterances and window: what the experts gained per etiology.
         # The stock model at its native window is the comparison's zero_shot variant.
         extra["baseline"] = score_corpus((u.transcript, b, u.etiology) for u, b in zip(utts, base_hyps, strict=True))
     metrics = write_results(utts, experts, hyps, out_dir, extra)
-    print(json.dumps({k: metrics[k] for k in ("overall", "per_etiology", "expert_usage", "baseline") if k in metrics},
+    print(json.dumps({k: metrics[k] for k in ("overall", "per_etiology", "expert_usage", "baseline", "speaker_routing")
+                      if k in metrics},
                      indent=2))
     return metrics
 
