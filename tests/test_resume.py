@@ -110,3 +110,41 @@ def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_p
     assert a.dtype == np.float16 and a.shape == (8, 64)
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
     assert not (tmp_path / "work_b").exists()  # partial rows are removed once the output is complete
+
+
+def _crashed_run(utterance_files, tiny_random, work, monkeypatch, settings) -> None:
+    train, val = utterance_files / "train.json", utterance_files / "val.json"
+    monkeypatch.setattr(asr, "run_batch", crash_after(7, asr.run_batch))
+    with pytest.raises(Crash):
+        asr.train(train, val, str(tiny_random), work / "out", work / "work", copy.deepcopy(settings))
+    monkeypatch.undo()
+
+
+def test_harmless_setting_changes_resume_instead_of_restarting(utterance_files, tiny_random, tmp_path, monkeypatch,
+                                                                caplog):
+    """Workers, validation and checkpoint intervals do not change what training computes: a crashed run
+    whose profile changed them carries on from its checkpoint and ends where it would have ended."""
+    settings = run_settings()
+    train, val = utterance_files / "train.json", utterance_files / "val.json"
+    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
+    _crashed_run(utterance_files, tiny_random, tmp_path / "b", monkeypatch, settings)
+    changed = run_settings(training={"num_workers": 1, "save_every_n_epochs": 1, "patience": 9})
+    with caplog.at_level(logging.INFO, logger="training"):
+        asr.train(train, val, str(tiny_random), tmp_path / "b" / "out", tmp_path / "b" / "work", changed)
+    assert "resuming from" in caplog.text and "starting fresh" not in caplog.text
+    a = load_file(tmp_path / "a" / "expert_0" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "b" / "out" / "expert_0" / "adapter_model.safetensors")
+    for name in a:
+        np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_changed_learning_rate_restarts_and_says_why(utterance_files, tiny_random, tmp_path, monkeypatch, caplog):
+    settings = run_settings()
+    _crashed_run(utterance_files, tiny_random, tmp_path, monkeypatch, settings)
+    faster = run_settings(asr={"lr": 2 * settings["asr"]["lr"]})
+    train, val = utterance_files / "train.json", utterance_files / "val.json"
+    with caplog.at_level(logging.INFO, logger="training"):
+        record = asr.train(train, val, str(tiny_random), tmp_path / "out", tmp_path / "work", faster)
+    assert "starting fresh" in caplog.text and "resuming from" not in caplog.text
+    assert f"asr.lr: {settings['asr']['lr']} -> {faster['asr']['lr']}" in caplog.text
+    assert record["utterance_passes"] == 2 * 8  # both epochs trained from the start

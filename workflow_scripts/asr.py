@@ -18,7 +18,6 @@ validation WER (or loss, training.select_best_by) goes to --out.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -50,6 +49,7 @@ from workflow_scripts.training import (
     make_loader,
     pick_device,
     publish_best,
+    resume_identity,
     save_resume,
     seed_everything,
     use_fp16,
@@ -233,13 +233,13 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     scaler = torch.amp.GradScaler(enabled=fp16)
     val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
                              shuffle=False)
-    fingerprint = hashlib.sha256(json.dumps([settings, base_model, max_passes, [u.id for u in train_utts],
-                                             [u.id for u in val_utts]]).encode()).hexdigest()[:16]
+    identity = resume_identity(settings, base_model=base_model, max_passes=max_passes,
+                               train=[u.id for u in train_utts], val=[u.id for u in val_utts])
     resume_path, best_dir = work_dir / "resume.pt", work_dir / "best"
     epoch, skip, step, best, since_best, best_epoch, history = 1, 0, 0, (float("inf"),), 0, 0, []
     stopped = False
     passes, seconds = 0, 0.0
-    state = load_resume(resume_path, fingerprint)
+    state = load_resume(resume_path, identity)
     if state:
         moe.load_state_dict(state["trainable"], strict=False)
         optimizer.load_state_dict(state["optimizer"])
@@ -251,7 +251,7 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     started = time.perf_counter()
 
     def checkpoint(batch_in_epoch: int, ep: int) -> None:
-        save_resume(resume_path, {"fingerprint": fingerprint, "trainable": trainable_state(moe),
+        save_resume(resume_path, {"identity": identity, "trainable": trainable_state(moe),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "epoch": ep, "batch_in_epoch": batch_in_epoch, "global_step": step, "best": best,
                                   "since_best": since_best, "best_epoch": best_epoch, "stopped": stopped,

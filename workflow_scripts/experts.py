@@ -15,7 +15,6 @@ own checkpoint under --work-dir after a crash. `manifest` lists the finished exp
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import math
@@ -39,6 +38,7 @@ from workflow_scripts.training import (
     make_loader,
     pick_device,
     publish_best,
+    resume_identity,
     save_resume,
     seed_everything,
     use_fp16,
@@ -147,7 +147,7 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
     cfg, tcfg = settings["experts"], settings["training"]
     accum = tcfg["gradient_accumulation_steps"]
     ids = [u.id for u in train_utts] + [u.id for u in val_utts]
-    fingerprint = hashlib.sha256(json.dumps([settings, ids]).encode()).hexdigest()[:16]
+    identity = resume_identity(settings, utterances=ids)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=cfg["lr"])
     batches_per_epoch = math.ceil(len(train_utts) / cfg["batch_size"])
@@ -157,7 +157,7 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
     val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
                              shuffle=False)
     resume_path, best_dir = work_dir / "resume.pt", work_dir / "best_adapter"
-    state = load_resume(resume_path, fingerprint)
+    state = load_resume(resume_path, identity)
     epoch, skip, global_step, best, since_best = 1, 0, 0, float("inf"), 0
     passes, seconds = 0, 0.0
     if state:
@@ -170,7 +170,7 @@ def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, devic
     started = time.perf_counter()
 
     def checkpoint(batch_in_epoch: int, ep: int) -> None:
-        save_resume(resume_path, {"fingerprint": fingerprint, "adapter": get_peft_model_state_dict(model),
+        save_resume(resume_path, {"identity": identity, "adapter": get_peft_model_state_dict(model),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                                   "epoch": ep, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
                                   "best": best, "since_best": since_best, "history": metrics["history"],

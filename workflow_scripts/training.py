@@ -7,6 +7,8 @@ share is how an utterance becomes a batch and how a resume checkpoint is written
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import logging
 import os
 import random
@@ -121,20 +123,62 @@ def save_resume(path: Path, state: dict) -> None:
     resumed run ends with the same weights as an uninterrupted one.
     """
     path.parent.mkdir(parents=True, exist_ok=True)
-    state = {**state, "rng": torch.get_rng_state(),
+    state = {**state, "fingerprint": fingerprint_of(state["identity"]), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(state, tmp)
     os.replace(tmp, path)
 
 
-def load_resume(path: Path, fingerprint: str) -> dict | None:
-    """The checkpoint at `path` if it belongs to the same job (same settings and data), else None."""
+# Settings that do not change what training computes: where it checkpoints, how often it validates,
+# when it gives up, how fast it loads data. Changing one of them after a crash resumes the run.
+# Everything else (data, model, LoRA shape, learning rates, schedule, batch size, accumulation,
+# precision, seed) restarts it. Early stopping and best-checkpoint choice only pick among the
+# same weights, so their settings are here too.
+RESUME_NEUTRAL = {
+    "training": {"num_workers", "eval_every_n_epochs", "save_every_n_epochs", "checkpoint_every_steps", "patience",
+                 "patience_unit", "select_best_by", "val_wer_samples"},
+    "embeddings": {"batch_size", "checkpoint_every"},
+}
+
+
+def _flatten(value, prefix: str = "") -> dict:
+    if isinstance(value, dict):
+        return {k: v for key, sub in value.items() for k, v in _flatten(sub, f"{prefix}{key}.").items()}
+    return {prefix.rstrip("."): value}
+
+
+def resume_identity(settings: dict, **data) -> dict:
+    """What a resume checkpoint must share with the job that loads it: the settings that shape the training
+    mathematics (RESUME_NEUTRAL left out) and the job's data (`data`, e.g. utterance ids), flattened."""
+    kept = {section: ({k: v for k, v in value.items() if k not in RESUME_NEUTRAL[section]}
+                      if section in RESUME_NEUTRAL else value) for section, value in settings.items()}
+    return _flatten({**kept, "data": data})
+
+
+def fingerprint_of(identity: dict) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def _changes(old: dict, new: dict) -> str:
+    keys = sorted(k for k in old.keys() | new.keys() if old.get(k) != new.get(k))
+
+    def short(v) -> str:
+        text = json.dumps(v)
+        return text if len(text) <= 60 else f"<{len(v) if isinstance(v, list) else 'changed'} items>"
+
+    return "; ".join(f"{k}: {short(old.get(k))} -> {short(new.get(k))}" for k in keys)
+
+
+def load_resume(path: Path, identity: dict) -> dict | None:
+    """The checkpoint at `path` if it belongs to the same training (see resume_identity), else None,
+    saying in the log which settings changed."""
     if not path.exists():
         return None
     state = torch.load(path, map_location="cpu", weights_only=False)
-    if state.get("fingerprint") != fingerprint:
-        log.info("resume checkpoint %s is from other settings or data; starting fresh", path)
+    if state.get("fingerprint") != fingerprint_of(identity):
+        changed = _changes(state.get("identity", {}), identity) if "identity" in state else "unknown (older checkpoint)"
+        log.warning("resume checkpoint %s belongs to other settings or data (%s); starting fresh", path, changed)
         return None
     log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
     torch.set_rng_state(state["rng"])
