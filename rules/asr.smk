@@ -29,3 +29,22 @@ rule asr:
         "python -m workflow_scripts.asr --train {input.train} --val {input.val}"
         " --base-model {params.model} {params.pretrained} --out {output}"
         " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+
+
+rule training_curves:
+    input:
+        asr="results/{run}/asr_best",
+        experts=lambda w: [] if skip_pretraining(w.run) else expert_dirs(w),
+    output:
+        report("results/{run}/training_curves.png", caption="../config/report_training_curves.rst"),
+    log:
+        "results/{run}/logs/training_curves.log",
+    benchmark:
+        "results/{run}/benchmarks/training_curves.tsv"
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=2000,
+    shell:
+        "python -m workflow_scripts.curves --out {output} {input.asr} {input.experts} > {log} 2>&1"

@@ -85,9 +85,11 @@ def pretraining_inputs(wildcards):
 
 
 def plot_targets(run):
-    if skip_pretraining(run) or not run_settings(run)["plot"]:
+    if not run_settings(run)["plot"]:
         return []
-    return [f"results/{run}/cluster_plot.png", f"results/{run}/gating_metrics.png"]
+    if skip_pretraining(run):
+        return [f"results/{run}/training_curves.png"]
+    return [f"results/{run}/cluster_plot.png", f"results/{run}/gating_metrics.png", f"results/{run}/training_curves.png"]
 
 
 def final_targets(wildcards):

@@ -4,6 +4,7 @@ exactly what an uninterrupted job produces (the research code's "resume" only sk
 from __future__ import annotations
 
 import copy
+import json
 import logging
 
 import numpy as np
@@ -78,6 +79,10 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
         record = asr.train(train, val, str(tiny_random), tmp_path / "b", tmp_path / "work_b", copy.deepcopy(settings))
     assert "resuming from" in caplog.text and "epoch 2, step 3" in caplog.text
     assert record["history"][-1]["step"] == 4
+    # The per-step curve has no duplicate steps: what was logged after the checkpoint is written once.
+    steps = [[json.loads(x)["step"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
+             for out in ("a", "b")]
+    assert steps[0] == steps[1] == sorted(set(steps[0]))
 
     for k in range(3):
         a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")

@@ -135,7 +135,11 @@ def test_end_to_end_outputs(finished_run):
     for k in range(clusters["num_clusters"]):
         assert (run / "experts" / f"expert_{k}" / "adapter_model.safetensors").exists()
         assert (run / "asr_best" / f"expert_{k}" / "adapter_config.json").exists()
-    assert (run / "cluster_plot.png").stat().st_size > 0 and (run / "gating_metrics.png").stat().st_size > 0
+    for plot in ("cluster_plot.png", "gating_metrics.png", "training_curves.png"):
+        assert (run / plot).stat().st_size > 0, plot
+    # Per-step curves travel with the trained models: one line per logged optimizer step.
+    curve = [json.loads(x) for x in (run / "asr_best" / "metrics.jsonl").read_text().splitlines()]
+    assert curve and [e["step"] for e in curve] == sorted({e["step"] for e in curve})
     report = json.loads((run / "data_report.json").read_text())
     assert set(report) == {"Train", "Dev"}
     # Embeddings are stored compactly: one float16 row of d_model values per utterance.
@@ -194,7 +198,8 @@ def test_changed_gate_reruns_only_its_dependents(finished_run):
     save_gate(gate, gate_path, extra)
     jobs = planned_jobs(snakemake(finished_run, *CPU_PROFILE, "-n", "results/t/eval/metrics.json"))
     clusters = json.loads((finished_run / "results" / "t" / "clusters.json").read_text())["num_clusters"]
-    assert jobs == {"expert_assignment": 1, "expert": clusters, "experts_manifest": 1, "asr": 1, "eval": 1}
+    assert jobs == {"expert_assignment": 1, "expert": clusters, "experts_manifest": 1, "asr": 1, "training_curves": 1,
+                    "eval": 1}
 
 
 def test_lint_is_clean_except_justified():

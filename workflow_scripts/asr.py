@@ -21,12 +21,10 @@ import argparse
 import json
 import logging
 import math
-import time
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
-from transformers import get_linear_schedule_with_warmup
 
 from workflow_scripts.decoding import (
     FIXED_ROUTINGS,
@@ -42,15 +40,14 @@ from workflow_scripts.sampling import sample_utterances
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus
 from workflow_scripts.settings import parse_settings_arg
+from workflow_scripts.train_loop import fit
 from workflow_scripts.training import (
     autocast,
     load_base,
-    load_resume,
     make_loader,
     pick_device,
     publish_best,
     resume_identity,
-    save_resume,
     seed_everything,
     use_fp16,
 )
@@ -147,6 +144,42 @@ def window_balance_loss(moe: MoEWhisper, embeddings: list[torch.Tensor], routes:
     return load_balance_loss(probs, torch.cat(routes).to(probs.device))
 
 
+class JointRecipe:
+    """Joint training's part of the shared loop: routed losses per micro-batch, the load-balancing loss
+    per accumulation window, validation, MoE checkpoints."""
+
+    def __init__(self, moe: MoEWhisper, ctx: Context, balance_weight: float, validate_fn):
+        self.moe, self.ctx, self.balance_weight, self.validate = moe, ctx, balance_weight, validate_fn
+        self.window_emb: list[torch.Tensor] = []
+        self.window_idx: list[torch.Tensor] = []
+
+    def batch_losses(self, batch: dict) -> dict:
+        result = run_batch(self.moe, batch, self.ctx)
+        if result["gate_inputs"] is not None:
+            self.window_emb.append(result["gate_inputs"])
+            self.window_idx.append(result["expert_idx"])
+        counts = torch.bincount(result["expert_idx"].reshape(-1).to(self.ctx.device), minlength=self.moe.num_experts)
+        return {"loss": result["loss"], "task_loss": result["task_loss"], "gate_loss": result["gate_loss"],
+                "expert_counts": counts}
+
+    def window_losses(self) -> dict:
+        emb, idx = self.window_emb, self.window_idx
+        self.window_emb, self.window_idx = [], []
+        if not emb or self.balance_weight <= 0:
+            return {}
+        balance = window_balance_loss(self.moe, emb, idx)
+        return {"loss": self.balance_weight * balance, "balance_loss": balance}
+
+    def save(self, out_dir: Path) -> None:
+        self.moe.save(out_dir)
+
+    def trainable_state(self) -> dict:
+        return trainable_state(self.moe)
+
+    def load_trainable_state(self, state: dict) -> None:
+        self.moe.load_state_dict(state, strict=False)
+
+
 @torch.no_grad()
 def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], processor, routing: dict) -> dict:
     """Teacher-forced loss and routing on the validation split; greedy WER on `wer_utts` when given."""
@@ -168,12 +201,6 @@ def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], p
         result["val_wer"] = scores["overall"]["wer"]
     moe.train()
     return result
-
-
-def _improved(entry: dict, best: tuple, select_by: str) -> tuple | None:
-    """The new best key if this validation beats `best`: lower WER (ties: lower loss), or lower loss."""
-    key = (entry["val_wer"], entry["val_loss"]) if select_by == "wer" else (entry["val_loss"],)
-    return key if key < best else None
 
 
 def _epoch_sizes(n: int, epochs: int, max_passes: int | None) -> list[int]:
@@ -224,111 +251,34 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     groups = [{"params": expert_params, "lr": cfg["lr"]}]
     if moe.gate is not None:
         groups.append({"params": list(moe.gate.parameters()), "lr": cfg["gate_lr"]})
-    optimizer = torch.optim.AdamW(groups)
-    accum = tcfg["gradient_accumulation_steps"]
-    epoch_sizes = _epoch_sizes(len(train_utts), cfg["epochs"], max_passes)
-    batches_in = [math.ceil(size / cfg["batch_size"]) for size in epoch_sizes]
-    total_steps = sum(math.ceil(b / accum) for b in batches_in)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(cfg["warmup_ratio"] * total_steps), total_steps)
-    scaler = torch.amp.GradScaler(enabled=fp16)
     val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
                              shuffle=False)
+
+    def epoch_loader(epoch: int, skip: int, limit: int):
+        return make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
+                           shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip, limit=limit)
+
     identity = resume_identity(settings, base_model=base_model, max_passes=max_passes,
                                train=[u.id for u in train_utts], val=[u.id for u in val_utts])
-    resume_path, best_dir = work_dir / "resume.pt", work_dir / "best"
-    epoch, skip, step, best, since_best, best_epoch, history = 1, 0, 0, (float("inf"),), 0, 0, []
-    stopped = False
-    passes, seconds = 0, 0.0
-    state = load_resume(resume_path, identity)
-    if state:
-        moe.load_state_dict(state["trainable"], strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, skip, step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-        best, since_best, best_epoch = state["best"], state["since_best"], state["best_epoch"]
-        stopped, history = state["stopped"], state["history"]
-        passes, seconds = state["utterance_passes"], state["train_seconds"]
-    started = time.perf_counter()
-
-    def checkpoint(batch_in_epoch: int, ep: int) -> None:
-        save_resume(resume_path, {"identity": identity, "trainable": trainable_state(moe),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "epoch": ep, "batch_in_epoch": batch_in_epoch, "global_step": step, "best": best,
-                                  "since_best": since_best, "best_epoch": best_epoch, "stopped": stopped,
-                                  "history": history, "utterance_passes": passes,
-                                  "train_seconds": seconds + time.perf_counter() - started})
-
-    params = [p for group in groups for p in group["params"]]
-    while epoch <= len(epoch_sizes) and not stopped:
-        loader = make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip,
-                             limit=epoch_sizes[epoch - 1])
-        sums = {"loss": 0.0, "task_loss": 0.0, "balance_loss": 0.0, "gate_loss": 0.0}
-        usage, seen, windows = [0] * moe.num_experts, 0, 0
-        window_emb, window_idx = [], []
-        for i, batch in enumerate(loader, start=skip):
-            result = run_batch(moe, batch, train_ctx)
-            scaler.scale(result["loss"] / accum).backward()
-            if result["gate_inputs"] is not None:
-                window_emb.append(result["gate_inputs"])
-                window_idx.append(result["expert_idx"])
-            seen += 1
-            passes += len(batch["index"])
-            for key in ("loss", "task_loss", "gate_loss"):
-                sums[key] += result[key].item()
-            for k in result["expert_idx"].tolist():
-                usage[k] += 1
-            if (i + 1) % accum == 0 or i + 1 == batches_in[epoch - 1]:
-                if window_emb and cfg["load_balance_weight"] > 0:
-                    balance = window_balance_loss(moe, window_emb, window_idx)
-                    scaler.scale(cfg["load_balance_weight"] * balance).backward()
-                    sums["balance_loss"] += balance.item()
-                    windows += 1
-                window_emb, window_idx = [], []
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, cfg["max_grad_norm"])
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                step += 1
-                if step % tcfg["checkpoint_every_steps"] == 0 and i + 1 < batches_in[epoch - 1]:
-                    checkpoint(i + 1, epoch)
-        skip = 0
-        entry = {"epoch": epoch, "step": step, "train_expert_usage": usage,
-                 **{f"train_{k}": v / max(seen, 1) for k, v in sums.items() if k != "balance_loss"},
-                 "train_balance_loss": sums["balance_loss"] / max(windows, 1)}
-        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == len(epoch_sizes):
-            entry.update(validate(moe, val_loader, val_ctx, wer_utts, processor, routing))
-            key = _improved(entry, best, select_by)
-            if key is not None:
-                best, since_best, best_epoch = key, 0, epoch
-                moe.save(best_dir)
-            else:
-                since_best += 1
-            # Early stopping is decided at validations only; patience counts validations or epochs.
-            waited = epoch - best_epoch if tcfg["patience_unit"] == "epochs" else since_best
-            stopped = waited >= tcfg["patience"]
-        if epoch % tcfg["save_every_n_epochs"] == 0:
-            moe.save(work_dir / f"epoch_{epoch}")
-        history.append(entry)
-        log.info("epoch %s", entry)
-        epoch += 1
-        checkpoint(0, epoch)
-    if not best_dir.exists():
-        moe.save(best_dir)
+    recipe = JointRecipe(moe, train_ctx, cfg["load_balance_weight"],
+                         lambda: validate(moe, val_loader, val_ctx, wer_utts, processor, routing))
+    loop = fit(recipe, optimizer=torch.optim.AdamW(groups), epoch_loader=epoch_loader,
+               epoch_sizes=_epoch_sizes(len(train_utts), cfg["epochs"], max_passes), batch_size=cfg["batch_size"],
+               tcfg=tcfg, work_dir=work_dir, identity=identity, select_by=select_by, fp16=fp16,
+               batch_size_key="asr.batch_size", name="joint training")
+    history, best_epoch = loop["history"], loop["best_epoch"]
     best_entry = next((h for h in history if h["epoch"] == best_epoch), None)
     record = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
               "layer": layer, "routing": cfg["routing"], "etiologies": settings["etiologies"],
               "seed": settings["seed"], "pretrained": gating is not None, "num_experts": moe.num_experts,
-              "selected_by": select_by, "best_epoch": best_epoch or None,
+              "selected_by": select_by, "best_epoch": best_epoch, "skipped_steps": loop["skipped_steps"],
               "best_val_loss": best_entry["val_loss"] if best_entry else None,
               "best_val_wer": best_entry.get("val_wer") if best_entry else None,
               "n_train": len(train_utts), "n_val": len(val_utts), "n_val_wer": len(wer_utts),
-              "utterance_passes": passes, **_pretraining_cost(experts),
-              "train_seconds": round(seconds + time.perf_counter() - started, 2),
-              "trainable_params": count_trainable(moe), "history": history, "settings": settings}
-    publish_best(best_dir, out, record, processor)
+              "utterance_passes": loop["utterance_passes"], **_pretraining_cost(experts),
+              "train_seconds": loop["train_seconds"], "trainable_params": count_trainable(moe), "history": history,
+              "settings": settings}
+    publish_best(loop["best_dir"], out, record, processor, extra_files=[loop["metrics_path"]])
     return record
 
 

@@ -17,29 +17,25 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import math
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
-from transformers import get_linear_schedule_with_warmup
 
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import read_gate_file
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.train_loop import fit
 from workflow_scripts.training import (
     autocast,
     load_base,
-    load_resume,
     make_loader,
     pick_device,
     publish_best,
     resume_identity,
-    save_resume,
     seed_everything,
     use_fp16,
 )
@@ -131,93 +127,63 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
     fp16 = use_fp16(tcfg["fp16"], device)
     metrics: dict = {"expert": expert, "n_train": len(train_utts), "n_val": len(val_utts), "val_note": val_note,
                      "history": [], "utterance_passes": 0, "train_seconds": 0.0}
-    best_dir = work_dir / "best_adapter"
     if not train_utts:
         # An empty cluster still gets an adapter (LoRA init = the base model) so routing stays valid;
         # the manifest says it was never trained.
         log.warning("expert %d has no training utterances; saving its untrained adapter", expert)
-        model.save_pretrained(best_dir)
-    else:
-        metrics = _fit(model, processor, train_utts, val_utts, settings, work_dir, device, fp16, metrics)
-    publish_best(best_dir, out, metrics)
-    return metrics
-
-
-def _fit(model, processor, train_utts, val_utts, settings, work_dir: Path, device, fp16: bool, metrics: dict) -> dict:
-    cfg, tcfg = settings["experts"], settings["training"]
-    accum = tcfg["gradient_accumulation_steps"]
-    ids = [u.id for u in train_utts] + [u.id for u in val_utts]
-    identity = resume_identity(settings, utterances=ids)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg["lr"])
-    batches_per_epoch = math.ceil(len(train_utts) / cfg["batch_size"])
-    steps_per_epoch = math.ceil(batches_per_epoch / accum)
-    scheduler = get_linear_schedule_with_warmup(optimizer, 0, steps_per_epoch * cfg["epochs"])
-    scaler = torch.amp.GradScaler(enabled=fp16)
+        model.save_pretrained(work_dir / "best")
+        publish_best(work_dir / "best", out, metrics)
+        return metrics
+    cfg = settings["experts"]
     val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
                              shuffle=False)
-    resume_path, best_dir = work_dir / "resume.pt", work_dir / "best_adapter"
-    state = load_resume(resume_path, identity)
-    epoch, skip, global_step, best, since_best = 1, 0, 0, float("inf"), 0
-    passes, seconds = 0, 0.0
-    if state:
-        set_peft_model_state_dict(model, state["adapter"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        epoch, skip, global_step = state["epoch"], state["batch_in_epoch"], state["global_step"]
-        best, since_best, metrics["history"] = state["best"], state["since_best"], state["history"]
-        passes, seconds = state["utterance_passes"], state["train_seconds"]
-    started = time.perf_counter()
 
-    def checkpoint(batch_in_epoch: int, ep: int) -> None:
-        save_resume(resume_path, {"identity": identity, "adapter": get_peft_model_state_dict(model),
-                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                                  "epoch": ep, "batch_in_epoch": batch_in_epoch, "global_step": global_step,
-                                  "best": best, "since_best": since_best, "history": metrics["history"],
-                                  "utterance_passes": passes, "train_seconds": seconds + time.perf_counter() - started})
+    def epoch_loader(epoch: int, skip: int, limit: int):
+        return make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
+                           shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip, limit=limit)
 
-    while epoch <= cfg["epochs"] and since_best < tcfg["patience"]:
-        loader = make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip)
-        running, seen = 0.0, 0
-        for i, batch in enumerate(loader, start=skip):
-            with autocast(fp16, device):
-                out = model(input_features=batch["input_features"].to(device), labels=batch["labels"].to(device))
-            scaler.scale(out.loss / accum).backward()
-            running, seen, passes = running + out.loss.item(), seen + 1, passes + len(batch["index"])
-            if (i + 1) % accum == 0 or i + 1 == batches_per_epoch:
-                scaler.unscale_(optimizer)
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                scaler.step(optimizer)
-                scaler.update()
-                optimizer.zero_grad(set_to_none=True)
-                scheduler.step()
-                global_step += 1
-                if global_step % tcfg["checkpoint_every_steps"] == 0 and i + 1 < batches_per_epoch:
-                    checkpoint(i + 1, epoch)
-        skip = 0
-        entry = {"epoch": epoch, "train_loss": running / max(seen, 1), "step": global_step}
-        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == cfg["epochs"]:
-            entry["val_loss"] = validation_loss(model, val_loader, device, fp16)
-            if entry["val_loss"] < best:
-                best, since_best = entry["val_loss"], 0
-                model.save_pretrained(best_dir)
-            else:
-                since_best += 1
-        if epoch % tcfg["save_every_n_epochs"] == 0:
-            model.save_pretrained(work_dir / f"epoch_{epoch}")
-        metrics["history"].append(entry)
-        log.info("epoch %s", entry)
-        epoch += 1
-        checkpoint(0, epoch)
-    if not best_dir.exists():
-        # Validation never improved on +inf (a non-finite loss): keep the last weights, flagged.
+    identity = resume_identity(settings, utterances=[u.id for u in train_utts] + [u.id for u in val_utts])
+    recipe = ExpertRecipe(model, val_loader, device, fp16)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
+    loop = fit(recipe, optimizer=optimizer, epoch_loader=epoch_loader, epoch_sizes=[len(train_utts)] * cfg["epochs"],
+               batch_size=cfg["batch_size"], tcfg=tcfg, work_dir=work_dir, identity=identity, select_by="loss",
+               fp16=fp16, batch_size_key="experts.batch_size", name=f"expert {expert}")
+    best = next((h for h in loop["history"] if h["epoch"] == loop["best_epoch"]), None)
+    metrics.update(history=loop["history"], best_val_loss=best["val_loss"] if best else None,
+                   utterance_passes=loop["utterance_passes"], train_seconds=loop["train_seconds"],
+                   skipped_steps=loop["skipped_steps"])
+    if best is None:
         metrics["val_note"] = "validation loss was never finite; the last weights were kept"
-        model.save_pretrained(best_dir)
-    metrics["best_val_loss"] = best if math.isfinite(best) else None
-    metrics["utterance_passes"] = passes
-    metrics["train_seconds"] = round(seconds + time.perf_counter() - started, 2)
+    publish_best(loop["best_dir"], out, metrics, extra_files=[loop["metrics_path"]])
     return metrics
+
+
+class ExpertRecipe:
+    """Expert pretraining's part of the shared loop: one PEFT LoRA on its cluster's utterances."""
+
+    def __init__(self, model, val_loader, device: torch.device, fp16: bool):
+        self.model, self.val_loader, self.device, self.fp16 = model, val_loader, device, fp16
+
+    def batch_losses(self, batch: dict) -> dict:
+        with autocast(self.fp16, self.device):
+            out = self.model(input_features=batch["input_features"].to(self.device),
+                             labels=batch["labels"].to(self.device))
+        return {"loss": out.loss}
+
+    def window_losses(self) -> dict:
+        return {}
+
+    def validate(self) -> dict:
+        return {"val_loss": validation_loss(self.model, self.val_loader, self.device, self.fp16)}
+
+    def save(self, out_dir: Path) -> None:
+        self.model.save_pretrained(out_dir)
+
+    def trainable_state(self) -> dict:
+        return get_peft_model_state_dict(self.model)
+
+    def load_trainable_state(self, state: dict) -> None:
+        set_peft_model_state_dict(self.model, state)
 
 
 def manifest(expert_dirs: list[Path], out: Path) -> dict:

@@ -137,7 +137,7 @@ def save_resume(path: Path, state: dict) -> None:
 # same weights, so their settings are here too.
 RESUME_NEUTRAL = {
     "training": {"num_workers", "eval_every_n_epochs", "save_every_n_epochs", "checkpoint_every_steps", "patience",
-                 "patience_unit", "select_best_by", "val_wer_samples"},
+                 "patience_unit", "select_best_by", "val_wer_samples", "log_every_steps", "max_nonfinite_steps"},
     "embeddings": {"batch_size", "checkpoint_every"},
 }
 
@@ -180,19 +180,23 @@ def load_resume(path: Path, identity: dict) -> dict | None:
         changed = _changes(state.get("identity", {}), identity) if "identity" in state else "unknown (older checkpoint)"
         log.warning("resume checkpoint %s belongs to other settings or data (%s); starting fresh", path, changed)
         return None
-    log.info("resuming from %s (epoch %d, step %d)", path, state["epoch"], state["global_step"])
+    log.info("resuming from %s (epoch %d, step %d)", path, state["loop"]["epoch"], state["loop"]["global_step"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return state
 
 
-def publish_best(best_dir: Path, out: Path, record: dict, processor=None) -> None:
-    """Copy the best checkpoint to the declared output with its training record (and processor), in
-    one rename, so a crash never leaves a half-written output that looks complete."""
+def publish_best(best_dir: Path, out: Path, record: dict, processor=None, extra_files: Sequence[Path] = ()) -> None:
+    """Copy the best checkpoint to the declared output with its training record (and processor, and
+    extra files such as metrics.jsonl), in one rename, so a crash never leaves a half-written output
+    that looks complete."""
     tmp = out.with_name(f".{out.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(best_dir, tmp)
+    for path in extra_files:
+        if path.exists():
+            shutil.copy2(path, tmp / path.name)
     if processor is not None:
         processor.save_pretrained(tmp)
     write_json_atomic(tmp / "training.json", record)

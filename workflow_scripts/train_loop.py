@@ -1,0 +1,238 @@
+"""The one training loop of expert pretraining and joint training.
+
+Each stage brings a Recipe (its losses, validation and checkpoint format); the loop owns what must
+not drift between them: gradient accumulation (the last, shorter group of an epoch weighted by its
+own size), clipping and linear warm-up from `training`, the scheduler, mixed-precision scaling,
+skipped non-finite steps, resume checkpoints (weights, optimizer, scheduler, scaler, RNG, position),
+periodic and best checkpoints, early stopping, a progress line and per-step metrics.
+
+Per-step metrics go to <work_dir>/metrics.jsonl, one JSON object per `training.log_every_steps`
+optimizer steps: step, epoch, learning rate, gradient norm, the recipe's loss parts, expert usage
+and utterances per second. Statistics stay on the device between those read-outs.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Protocol
+
+import torch
+from torch import Tensor
+from tqdm import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+from workflow_scripts.training import load_resume, save_resume
+
+log = logging.getLogger("train_loop")
+
+
+class Recipe(Protocol):
+    """What a training stage brings to the loop."""
+
+    def batch_losses(self, batch: dict) -> dict[str, Tensor]:
+        """Losses of one micro-batch: "loss" is backpropagated, every other scalar is logged; an optional
+        "expert_counts" (K,) tensor counts the utterances per expert."""
+
+    def window_losses(self) -> dict[str, Tensor]:
+        """Losses over the whole accumulation window, added before each optimizer step ("loss" is
+        backpropagated); {} when the stage has none."""
+
+    def validate(self) -> dict:
+        """At least "val_loss"; "val_wer" too when the best checkpoint is chosen by WER."""
+
+    def save(self, out_dir: Path) -> None: ...
+
+    def trainable_state(self) -> dict: ...
+
+    def load_trainable_state(self, state: dict) -> None: ...
+
+
+def improved(entry: dict, best: tuple, select_by: str) -> tuple | None:
+    """The new best key if this validation beats `best`: lower WER (ties: lower loss), or lower loss."""
+    key = (entry["val_wer"], entry["val_loss"]) if select_by == "wer" else (entry["val_loss"],)
+    return key if key < best else None
+
+
+def _group_size(i: int, accum: int, n_batches: int) -> int:
+    """Micro-batches in the accumulation group of batch i: `accum`, or fewer in an epoch's last group."""
+    return min(accum, n_batches - (i // accum) * accum)
+
+
+def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, epoch_loader: Callable[[int, int, int], object],
+        epoch_sizes: list[int], batch_size: int, tcfg: dict, work_dir: Path, identity: dict, select_by: str,
+        fp16: bool, batch_size_key: str, name: str) -> dict:
+    """Train until the epochs (or utterance passes) are done or patience runs out.
+
+    epoch_loader(epoch, skip_batches, limit) gives an epoch's batches in a seeded order, the first
+    skip_batches left out (resume) and only `limit` utterances. Returns the loop's record: history
+    (one entry per epoch), best_epoch, utterance_passes, train_seconds, skipped_steps.
+    """
+    accum = tcfg["gradient_accumulation_steps"]
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    batches_in = [math.ceil(size / batch_size) for size in epoch_sizes]
+    total_steps = sum(math.ceil(b / accum) for b in batches_in)
+    scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg["warmup_ratio"] * total_steps), total_steps)
+    device = params[0].device
+    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    resume_path, best_dir, metrics_path = work_dir / "resume.pt", work_dir / "best", work_dir / "metrics.jsonl"
+    work_dir.mkdir(parents=True, exist_ok=True)
+    st = {"epoch": 1, "batch_in_epoch": 0, "global_step": 0, "best": (float("inf"),), "since_best": 0,
+          "best_epoch": 0, "stopped": False, "history": [], "utterance_passes": 0, "train_seconds": 0.0,
+          "skipped_steps": 0, "nonfinite_in_a_row": 0}
+    state = load_resume(resume_path, identity)
+    if state:
+        recipe.load_trainable_state(state["trainable"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        st = state["loop"]
+    _truncate_metrics(metrics_path, st["global_step"])
+    started = time.perf_counter()
+
+    def checkpoint() -> None:
+        loop = {**st, "train_seconds": st["train_seconds"] + time.perf_counter() - started}
+        save_resume(resume_path, {"identity": identity, "trainable": recipe.trainable_state(),
+                                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                                  "scaler": scaler.state_dict(), "loop": loop})
+
+    log_every = tcfg["log_every_steps"]
+    interval: dict[str, Tensor] = {}
+    bar = None
+    interval_start, interval_utts, micro, interval_steps, lr = time.perf_counter(), 0, 0, 0, []
+
+    def flush(epoch: int) -> None:
+        nonlocal interval, interval_start, interval_utts, micro, interval_steps
+        entry = _read_out(interval, micro, st, epoch, lr, interval_utts, interval_start, max(interval_steps, 1))
+        bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", utt_s=entry["utterances_per_s"])
+        with metrics_path.open("a") as f:
+            f.write(json.dumps(entry) + "\n")
+        interval, interval_start, interval_utts, micro, interval_steps = {}, time.perf_counter(), 0, 0, 0
+
+    while st["epoch"] <= len(epoch_sizes) and not st["stopped"]:
+        epoch, skip, n_batches = st["epoch"], st["batch_in_epoch"], batches_in[st["epoch"] - 1]
+        bar = tqdm(total=n_batches, initial=skip, desc=f"{name} epoch {epoch}/{len(epoch_sizes)}", unit="batch",
+                   mininterval=30, file=sys.stderr)
+        sums: dict[str, Tensor] = {}
+        seen, windows, bad = 0, 0, torch.zeros((), dtype=torch.bool, device=device)
+        for i, batch in enumerate(epoch_loader(epoch, skip, epoch_sizes[epoch - 1]), start=skip):
+            try:
+                out = recipe.batch_losses(batch)
+                loss = out["loss"]
+                bad |= ~torch.isfinite(loss.detach())
+                scaler.scale(loss / _group_size(i, accum, n_batches)).backward()
+            except torch.OutOfMemoryError as err:
+                raise RuntimeError(
+                    f"{name}: out of accelerator memory at {batch_size_key}={batch_size} with "
+                    f"training.gradient_accumulation_steps={accum}; lower {batch_size_key} and raise "
+                    "gradient_accumulation_steps by the same factor (same effective batch) in the profile's "
+                    "hardware.yaml or the run's settings") from err
+            n = len(batch["index"])
+            seen, micro, interval_utts = seen + 1, micro + 1, interval_utts + n
+            st["utterance_passes"] += n
+            for key, value in out.items():
+                value = value.detach().float()
+                sums[key] = sums.get(key, 0) + value
+                interval[key] = interval.get(key, 0) + value
+            bar.update(1)
+            if (i + 1) % accum and i + 1 != n_batches:
+                continue
+            window = recipe.window_losses()
+            if window:
+                windows += 1
+                scaler.scale(window["loss"]).backward()
+                for key, value in window.items():
+                    sums[f"window_{key}"] = sums.get(f"window_{key}", 0) + value.detach().float()
+                    interval[f"window_{key}"] = interval.get(f"window_{key}", 0) + value.detach().float()
+            if bad:  # one device sync per optimizer step, not per micro-batch
+                optimizer.zero_grad(set_to_none=True)
+                st["skipped_steps"] += 1
+                st["nonfinite_in_a_row"] += 1
+                log.warning("%s: non-finite loss at epoch %d batch %d; optimizer step skipped (%d in a row)",
+                            name, epoch, i, st["nonfinite_in_a_row"])
+                if st["nonfinite_in_a_row"] >= tcfg["max_nonfinite_steps"]:
+                    raise FloatingPointError(
+                        f"{name}: {st['nonfinite_in_a_row']} optimizer steps in a row had a non-finite loss "
+                        f"(training.max_nonfinite_steps); lower the learning rate or check the data and precision")
+                bad = torch.zeros((), dtype=torch.bool, device=device)
+                continue
+            st["nonfinite_in_a_row"] = 0
+            scaler.unscale_(optimizer)
+            grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"])
+            scaler.step(optimizer)
+            scaler.update()
+            optimizer.zero_grad(set_to_none=True)
+            lr = scheduler.get_last_lr()  # the rate this step used
+            scheduler.step()
+            st["global_step"] += 1
+            interval_steps += 1
+            interval["grad_norm"] = interval.get("grad_norm", 0) + grad_norm.detach().float()
+            if st["global_step"] % log_every == 0:
+                flush(epoch)
+            if st["global_step"] % tcfg["checkpoint_every_steps"] == 0 and i + 1 < n_batches:
+                st["batch_in_epoch"] = i + 1
+                checkpoint()
+        if interval_steps:  # the epoch's last, shorter interval
+            flush(epoch)
+        bar.close()
+        entry = {"epoch": epoch, "step": st["global_step"]}
+        for key, value in sums.items():
+            if key == "expert_counts":
+                entry["train_expert_usage"] = value.long().tolist()
+            else:
+                entry[f"train_{key}"] = value.item() / max(windows if key.startswith("window_") else seen, 1)
+        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == len(epoch_sizes):
+            entry.update(recipe.validate())
+            key = improved(entry, st["best"], select_by)
+            if key is not None:
+                st["best"], st["since_best"], st["best_epoch"] = key, 0, epoch
+                recipe.save(best_dir)
+            else:
+                st["since_best"] += 1
+            # Early stopping is decided at validations only; patience counts validations or epochs.
+            waited = epoch - st["best_epoch"] if tcfg["patience_unit"] == "epochs" else st["since_best"]
+            st["stopped"] = waited >= tcfg["patience"]
+        if epoch % tcfg["save_every_n_epochs"] == 0:
+            recipe.save(work_dir / f"epoch_{epoch}")
+        st["history"].append(entry)
+        log.info("%s epoch %s", name, entry)
+        st["epoch"], st["batch_in_epoch"] = epoch + 1, 0
+        checkpoint()
+    if not best_dir.exists():
+        # Validation never improved on +inf (a non-finite loss): keep the last weights, flagged.
+        log.warning("%s: validation never gave a finite result; keeping the last weights", name)
+        recipe.save(best_dir)
+    return {"history": st["history"], "best_epoch": st["best_epoch"] or None,
+            "utterance_passes": st["utterance_passes"], "skipped_steps": st["skipped_steps"],
+            "train_seconds": round(st["train_seconds"] + time.perf_counter() - started, 2), "best_dir": best_dir,
+            "metrics_path": metrics_path}
+
+
+def _read_out(interval: dict, micro: int, st: dict, epoch: int, lr: list[float], utts: int, since: float,
+              steps: int) -> dict:
+    """One metrics.jsonl entry: means over the interval's micro-batches (window losses and gradient
+    norm over its optimizer steps)."""
+    entry = {"step": st["global_step"], "epoch": epoch, "lr": lr}
+    for key, value in interval.items():
+        if key == "expert_counts":
+            entry["expert_usage"] = value.long().tolist()
+        else:
+            per = steps if key.startswith("window_") or key == "grad_norm" else max(micro, 1)
+            entry[key] = round(value.item() / per, 6)
+    entry["utterances_per_s"] = round(utts / max(time.perf_counter() - since, 1e-9), 2)
+    return entry
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drop entries written after the resume checkpoint, which the resumed run writes again."""
+    if not path.exists():
+        return
+    kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(f"{line}\n" for line in kept))
+    tmp.replace(path)
