@@ -44,5 +44,5 @@ rule cluster_plot:
     resources:
         mem_mb=4000,
     shell:
-        "python -m workflow_scripts.clustering plot --embeddings-dir results/{wildcards.run}/embeddings"
+        "python -m workflow_scripts.cluster_plot --embeddings-dir results/{wildcards.run}/embeddings"
         " --labels {input.labels} --summary {input.summary} --out {output} --settings {params.settings:q} > {log} 2>&1"

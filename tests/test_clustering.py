@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from workflow_scripts import cluster_balance
+from workflow_scripts import cluster_balance, cluster_plot
 from workflow_scripts import clustering as C
 
 ETIS = ("ALS", "Parkinson's Disease", "Stroke")
@@ -146,7 +146,7 @@ def test_same_seed_same_labels_with_umap(tmp_path: Path) -> None:
     write_embeddings(tmp_path / "emb", x[:10])
     np.save(tmp_path / "labels.npy", first[:10])
     settings = {"num_experts": 4, "clustering": {"plot_method": "umap"}}
-    C.run_plot(str(tmp_path / "emb"), str(tmp_path / "labels.npy"), str(tmp_path / "p.png"), settings)
+    cluster_plot.run_plot(str(tmp_path / "emb"), str(tmp_path / "labels.npy"), str(tmp_path / "p.png"), settings)
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
@@ -172,11 +172,17 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert sorted(p.name for p in out.iterdir()) == ["cluster_labels.npy", "clusters.json"]  # no temp files left
     inline = json.dumps({"seed": 0, "num_experts": 4, "clustering": {"plot_method": "pca"}})
     subprocess.run(
-        [*base, "plot", *emb, "--labels", str(out / "cluster_labels.npy"), "--out", str(out / "plot.png"),
-         "--settings", inline, "--summary", str(out / "clusters.json")],
+        [sys.executable, "-m", "workflow_scripts.cluster_plot", *emb, "--labels", str(out / "cluster_labels.npy"),
+         "--out", str(out / "plot.png"), "--settings", inline, "--summary", str(out / "clusters.json")],
         check=True, capture_output=True, text=True,
     )  # fmt: skip
     assert (out / "plot.png").stat().st_size > 1000
+    np.save(out / "short.npy", labels[:-1])
+    with pytest.raises(SystemExit) as exit_info:  # the plot CLI's ClusteringError path, in-process
+        cluster_plot.main([*emb, "--labels", str(out / "short.npy"), "--out", str(out / "bad.png"),
+                           "--settings", inline])  # fmt: skip
+    assert exit_info.value.code == 2 and "rerun the cluster step" in capsys.readouterr().err
+    assert not (out / "bad.png").exists()
     bad_settings = {"num_experts": 9, "clustering": {"reduce_experts": False, "max_retries": 0}}
     with pytest.raises(SystemExit) as exit_info:  # same CLI in-process: saves a slow interpreter start
         C.main(["cluster", *emb, "--labels-out", str(out / "l.npy"), "--summary-out", str(out / "s.json"),
@@ -296,6 +302,6 @@ def test_cli_speaker_level_and_plot(tmp_path: Path) -> None:
     assert all(len({lab for lab, s in zip(labels, speakers, strict=True) if s == spk}) == 1 for spk in set(speakers))
     assert summary["level"] == "speaker" and summary["n_units"] == 5 and sum(summary["unit_sizes"]) == 5
     assert set(json.loads((tmp_path / "c.json").read_text())) >= {"level", "n_units", "nmi_etiology", "ari_etiology"}
-    C.run_plot(str(tmp_path / "embeddings"), str(tmp_path / "labels.npy"), str(tmp_path / "p.png"), settings,
-               str(tmp_path / "c.json"))
+    cluster_plot.run_plot(str(tmp_path / "embeddings"), str(tmp_path / "labels.npy"), str(tmp_path / "p.png"),
+                          settings, str(tmp_path / "c.json"))
     assert (tmp_path / "p.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -1,12 +1,10 @@
 """Clustering stage: pooled encoder embeddings -> one expert label per utterance.
 
-Two subcommands, so that the workflow can drop the plot rule (`clustering.plot: false`) without
-touching the labels:
-
     python -m workflow_scripts.clustering cluster --embeddings-dir DIR --labels-out cluster_labels.npy \
         --summary-out clusters.json --settings JSON
-    python -m workflow_scripts.clustering plot --embeddings-dir DIR --labels cluster_labels.npy \
-        --out cluster_plot.png --settings JSON [--summary clusters.json]
+
+The 2-D scatter of the clusters is `workflow_scripts.cluster_plot`, a separate step so that the workflow
+can drop the plot rule (`clustering.plot: false`) without touching the labels.
 
 Labels are int64, one per embeddings row, 0..K-1 with 0 the largest cluster (in utterances).
 `clustering.level: speaker` clusters the mean embedding of each speaker instead of each utterance, and
@@ -164,7 +162,7 @@ def row_speakers(embeddings_dir: str | os.PathLike) -> list[str]:
     return speakers
 
 
-def _umap(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
+def umap_reduce(x: np.ndarray, dim: int, seed: int) -> np.ndarray:
     import umap  # imported lazily: numba compilation costs ~10 s
 
     # A fixed random_state makes UMAP single-threaded and reproducible; n_neighbors must be < N.
@@ -192,7 +190,7 @@ def reduce_embeddings(emb: np.ndarray, method: str, dim: int, seed: int) -> tupl
         log.info("reduce_dim %d capped to %d (N=%d embeddings, D=%d)", dim, used, n, d)
     if method == "pca":
         return PCA(n_components=used, random_state=seed).fit_transform(x), used
-    return _umap(x, used, seed), used
+    return umap_reduce(x, used, seed), used
 
 
 def _hdbscan(z: np.ndarray, cfg: dict, min_cluster_size: int) -> np.ndarray:
@@ -386,7 +384,7 @@ def build_summary(labels: np.ndarray, info: dict, etiologies: list[str], reduced
     return summary
 
 
-def _write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
+def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
     """Write through a temp file next to `path`, then rename, so a crash never leaves half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -404,72 +402,10 @@ def run_cluster(embeddings_dir: str, labels_out: str, summary_out: str, raw_sett
     speakers = row_speakers(embeddings_dir) if cfg["level"] == "speaker" else None
     labels, info, reduced = cluster_embeddings(emb, cfg, num_experts, seed, speakers)
     summary = build_summary(labels, info, etiologies, reduced)
-    _write_atomic(labels_out, lambda f: np.save(f, labels))
+    write_atomic(labels_out, lambda f: np.save(f, labels))
     write_json_atomic(summary_out, summary)
     log.info("%d clusters (%s), sizes %s", summary["num_clusters"], summary["algorithm_used"], summary["sizes"])
     return summary
-
-
-def project_2d(emb: np.ndarray, method: str, seed: int) -> np.ndarray:
-    """2-D view of the standardised embeddings for the plot."""
-    from sklearn.decomposition import PCA
-    from sklearn.preprocessing import StandardScaler
-
-    x = StandardScaler().fit_transform(emb.astype(np.float64))
-    n = x.shape[0]
-    if method == "umap" and n >= 4:
-        return _umap(x, 2, seed)
-    if n < 3 or x.shape[1] < 2:  # PCA needs 2 components; pad a degenerate view with zeros
-        return np.pad(x[:, :2], ((0, 0), (0, max(0, 2 - x.shape[1]))))
-    return PCA(n_components=2, random_state=seed).fit_transform(x)
-
-
-def run_plot(
-    embeddings_dir: str, labels_path: str, out: str, raw_settings: dict, summary_path: str | None = None
-) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    cfg, _, seed = resolve_settings(raw_settings)
-    emb, etiologies = load_embeddings(embeddings_dir)
-    labels = np.load(labels_path)
-    if labels.shape != (emb.shape[0],) or labels.min() < 0:
-        raise ClusteringError(
-            f"{labels_path} has {labels.shape} labels for {emb.shape[0]} embeddings; rerun the cluster step."
-        )
-    algorithm, level = cfg["algorithm"], cfg["level"]
-    if summary_path:
-        with open(summary_path) as f:
-            summary = json.load(f)
-        algorithm, level = summary.get("algorithm_used", algorithm), summary.get("level", level)
-    xy = project_2d(emb, cfg["plot_method"], seed)
-    k = int(labels.max()) + 1
-    cmap = plt.get_cmap("tab10" if k <= 10 else "tab20")
-    markers = "os^Dv<>Ph*X"
-    etis = sorted(set(etiologies))
-    eti_arr = np.array(etiologies)
-    fig, ax = plt.subplots(figsize=(8, 6))
-    for i, eti in enumerate(etis):
-        sel = eti_arr == eti
-        colors = [cmap(int(c) % cmap.N) for c in labels[sel]]
-        ax.scatter(*xy[sel].T, c=colors, marker=markers[i % len(markers)], s=28, alpha=0.8, edgecolors="none")
-    cluster_handles = [
-        Line2D([], [], marker="o", ls="", color=cmap(c % cmap.N), label=f"cluster {c}") for c in range(k)
-    ]
-    eti_handles = [
-        Line2D([], [], marker=markers[i % len(markers)], ls="", color="gray", label=eti) for i, eti in enumerate(etis)
-    ]
-    first = ax.legend(handles=cluster_handles, title="cluster", loc="upper left", fontsize=7)
-    ax.add_artist(first)
-    ax.legend(handles=eti_handles, title="etiology", loc="upper right", fontsize=7)
-    ax.set_title(f"{k} clusters ({algorithm}, {level} level), {cfg['plot_method'].upper()} projection, "
-                 f"N={len(labels)} utterances")
-    fig.tight_layout()
-    _write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
-    plt.close(fig)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -480,12 +416,6 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--labels-out", required=True)
     c.add_argument("--summary-out", required=True)
     c.add_argument("--settings", required=True, help="inline JSON or a JSON/YAML file")
-    p = sub.add_parser("plot", help="write a 2-D scatter of the clusters")
-    p.add_argument("--embeddings-dir", required=True)
-    p.add_argument("--labels", required=True)
-    p.add_argument("--out", required=True)
-    p.add_argument("--settings", required=True, help="inline JSON or a JSON/YAML file")
-    p.add_argument("--summary", default=None, help="clusters.json, for the algorithm actually used")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -495,10 +425,7 @@ def main(argv: list[str] | None = None) -> None:
     except (OSError, ValueError) as e:
         parser.exit(2, f"error: --settings is neither inline JSON nor a readable JSON/YAML file: {e}\n")
     try:
-        if args.command == "cluster":
-            run_cluster(args.embeddings_dir, args.labels_out, args.summary_out, raw)
-        else:
-            run_plot(args.embeddings_dir, args.labels, args.out, raw, args.summary)
+        run_cluster(args.embeddings_dir, args.labels_out, args.summary_out, raw)
     except ClusteringError as e:
         parser.exit(2, f"error: {e}\n")
 
