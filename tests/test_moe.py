@@ -314,3 +314,22 @@ def test_shared_adapter_serves_every_routed_sample_and_round_trips(base, tmp_pat
         assert torch.equal(p, q)
     with pytest.raises(ValueError, match="out of range"), moe.routing([K]):
         pass
+
+
+def test_row_groups_are_found_once_per_batch_not_per_layer(base, monkeypatch):
+    """Finding which rows go to which expert makes the host wait for the device: once per batch (and
+    once more for beam search's expanded batch), never in each routed layer or decoding step."""
+    moe = make_moe(base, gate=False, b_std=0.1).eval()
+    calls = []
+    unique = torch.unique
+    monkeypatch.setattr(torch, "unique", lambda *a, **k: calls.append(1) or unique(*a, **k))
+    feats, labels = batch(3)
+    with torch.no_grad():
+        moe(feats, labels, expert_idx=torch.tensor([0, 2, 2]))
+    assert len(moe.layers) > 1 and len(calls) == 1
+    calls.clear()
+    moe.generate(feats, expert_idx=[0, 2, 2], max_new_tokens=5, do_sample=False, num_beams=1)
+    assert len(calls) == 1
+    calls.clear()
+    moe.generate(feats, expert_idx=[0, 2, 2], max_new_tokens=5, do_sample=False, num_beams=2)
+    assert len(calls) == 2  # the batch, then its beam-expanded copy

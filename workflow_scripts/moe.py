@@ -132,44 +132,64 @@ class RoutedLoRALinear(nn.Module):
         for a in self.lora_A:
             nn.init.kaiming_uniform_(a, a=math.sqrt(5))  # PEFT/loralib init; B stays zero
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
-        self._routing: tuple[Tensor, Tensor] | None = None
+        self._routing: RowGroups | None = None
 
-    def set_routing(self, expert_idx: Tensor | None, weights: Tensor | None = None) -> None:
-        """expert_idx/weights: (B,) or (B, top_k). None disables the LoRA path (plain base layer)."""
-        if expert_idx is None:
-            self._routing = None
-            return
-        idx = expert_idx.reshape(expert_idx.shape[0], -1)
-        w = torch.ones(idx.shape, device=idx.device) if weights is None else weights.reshape(idx.shape)
-        if idx.numel() and (idx.min() < 0 or idx.max() >= self.num_experts):
-            raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {idx.tolist()}")
-        self._routing = (idx, w)
+    def set_routing(self, route: RowGroups | None) -> None:
+        """The batch's row groups (shared by every layer), or None: LoRA path off (plain base layer)."""
+        if route is not None and route.max_expert >= self.num_experts:
+            raise ValueError(f"expert index out of range 0..{self.num_experts - 1}: {route.idx.tolist()}")
+        self._routing = route
 
     def forward(self, x: Tensor) -> Tensor:
         out = self.base_layer(x)
         if self._routing is None:
             return out
-        idx, w = (t.to(x.device) for t in self._routing)
         n = x.shape[0]
-        if idx.shape[0] != n:
-            # beam search / num_return_sequences expand the batch with repeat_interleave
-            if n % idx.shape[0]:
-                raise ValueError(f"routing set for batch {idx.shape[0]} but layer got batch {n}")
-            idx, w = idx.repeat_interleave(n // idx.shape[0], 0), w.repeat_interleave(n // idx.shape[0], 0)
         bcast = (-1,) + (1,) * (x.dim() - 1)
         if self.shared:
             a, b = self.lora_A[self.num_experts], self.lora_B[self.num_experts]
             out = out + (F.linear(F.linear(self.dropout(x.to(a.dtype)), a), b) * self.scaling).to(out.dtype)
-        for k in torch.unique(idx).tolist():
-            hit = idx == k
-            rows = hit.any(1).nonzero().squeeze(1)
-            wk = (w * hit).sum(1).index_select(0, rows)
+        for k, rows, wk in self._routing.groups(n, x.device):
             a, b = self.lora_A[k], self.lora_B[k]
-            xs = x if rows.numel() == n else x.index_select(0, rows)
+            xs = x if rows is None else x.index_select(0, rows)
             h = F.linear(F.linear(self.dropout(xs.to(a.dtype)), a), b) * (self.scaling * wk).view(bcast)
             # out-of-place index_add keeps autograd to every routed expert's A/B (and to wk -> gate)
-            out = out + h.to(out.dtype) if rows.numel() == n else out.index_add(0, rows, h.to(out.dtype))
+            out = out + h.to(out.dtype) if rows is None else out.index_add(0, rows, h.to(out.dtype))
         return out
+
+
+class RowGroups:
+    """Which rows of a batch go to which expert, with what weight: worked out once per batch (and once
+    per expanded batch size under beam search), not in each of the hundreds of routed layers, since
+    finding the groups makes the host wait for the device."""
+
+    def __init__(self, expert_idx: Tensor, weights: Tensor | None = None):
+        self.idx = expert_idx.reshape(expert_idx.shape[0], -1)
+        self.w = torch.ones(self.idx.shape, device=self.idx.device) if weights is None else weights.reshape(
+            self.idx.shape)
+        if self.idx.numel() and int(self.idx.min()) < 0:
+            raise ValueError(f"expert index out of range: {self.idx.tolist()}")
+        self.max_expert = int(self.idx.max()) if self.idx.numel() else -1
+        self._by_size: dict[tuple[int, torch.device], list] = {}
+
+    def groups(self, n: int, device: torch.device) -> list[tuple[int, Tensor | None, Tensor]]:
+        """(expert, rows or None for all rows, weights of those rows) for a batch of n rows."""
+        key = (n, device)
+        if key not in self._by_size:
+            idx, w = self.idx.to(device), self.w.to(device)
+            if idx.shape[0] != n:
+                # beam search / num_return_sequences expand the batch with repeat_interleave
+                if n % idx.shape[0]:
+                    raise ValueError(f"routing set for batch {idx.shape[0]} but layer got batch {n}")
+                idx, w = idx.repeat_interleave(n // idx.shape[0], 0), w.repeat_interleave(n // idx.shape[0], 0)
+            out = []
+            for k in torch.unique(idx).tolist():
+                hit = idx == k
+                rows = hit.any(1).nonzero().squeeze(1)
+                wk = (w * hit).sum(1).index_select(0, rows)
+                out.append((k, None if rows.numel() == n else rows, wk))
+            self._by_size[key] = out
+        return self._by_size[key]
 
 
 class Routing(NamedTuple):
@@ -267,9 +287,9 @@ class MoEWhisper(nn.Module):
         # move once here rather than in each of the many routed layers
         device = next(iter(self.layers.values())).lora_A[0].device
         idx = torch.as_tensor(expert_idx, dtype=torch.long, device=device)
-        weights = None if weights is None else weights.to(device)
+        route = RowGroups(idx, None if weights is None else weights.to(device))
         for layer in self.layers.values():
-            layer.set_routing(idx, weights)
+            layer.set_routing(route)
         try:
             yield
         finally:
