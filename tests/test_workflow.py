@@ -105,7 +105,7 @@ def test_dry_run_full_on_a_sap_tree(tmp_path):
 def test_dry_run_skip_pretraining_drops_pretraining_stages(tmp_path):
     write_runs(tmp_path, {"plain": {**TEST_RUN, "skip_pretraining": True, "num_experts": 3}})
     jobs = planned_jobs(snakemake(tmp_path, "-n", "results/plain/eval/metrics.json"))
-    assert set(jobs) == {"demo_corpus", "base_model", "prepare_data", "asr", "eval"}
+    assert set(jobs) == {"demo_corpus", "base_model", "prepare_data", "asr", "training_curves", "eval"}
 
 
 def test_unknown_run_key_is_a_schema_error_naming_it(tmp_path):
