@@ -9,6 +9,7 @@ import logging
 
 import numpy as np
 import pytest
+import torch
 from safetensors.torch import load_file
 
 from workflow_scripts import asr, embeddings
@@ -153,3 +154,24 @@ def test_changed_learning_rate_restarts_and_says_why(utterance_files, tiny_rando
     assert "starting fresh" in caplog.text and "resuming from" not in caplog.text
     assert f"asr.lr: {settings['asr']['lr']} -> {faster['asr']['lr']}" in caplog.text
     assert record["utterance_passes"] == 2 * 8  # both epochs trained from the start
+
+
+@pytest.mark.parametrize("precision", ["fp16", "bf16"])
+def test_mixed_precision_resumes_mid_epoch_to_the_same_model(utterance_files, tiny_random, tmp_path, monkeypatch,
+                                                             precision):
+    """The CPU runs the mixed-precision paths through autocast; under fp16 the GradScaler's state (its
+    scale and growth tracker) is part of the checkpoint, so a resumed run scales as the uninterrupted one."""
+    settings = run_settings(training={"precision": precision})
+    train, val = utterance_files / "train.json", utterance_files / "val.json"
+    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
+    _crashed_run(utterance_files, tiny_random, tmp_path / "b", monkeypatch, settings)
+    state = torch.load(tmp_path / "b" / "work" / "resume.pt", weights_only=False)
+    assert bool(state["scaler"]) == (precision == "fp16")  # bf16 needs no loss scaling
+    record = asr.train(train, val, str(tiny_random), tmp_path / "b" / "out", tmp_path / "b" / "work",
+                       copy.deepcopy(settings))
+    assert record["precision"] == precision
+    for k in range(3):
+        a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "b" / "out" / f"expert_{k}" / "adapter_model.safetensors")
+        for name in a:
+            np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)

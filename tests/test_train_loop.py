@@ -63,7 +63,7 @@ def run(recipe: LinearRecipe, tmp_path: Path, n_batches: int, **overrides) -> di
 
     return train_loop.fit(recipe, optimizer=torch.optim.SGD([recipe.w], lr=1.0), epoch_loader=loader,
                           epoch_sizes=[n_batches], batch_size=1, tcfg=tcfg(**overrides), work_dir=tmp_path,
-                          identity={"test": 1}, select_by="loss", fp16=False, batch_size_key="x.batch_size",
+                          identity={"test": 1}, select_by="loss", precision="fp32", batch_size_key="x.batch_size",
                           name="test")
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from transformers import WhisperProcessor
 
@@ -30,3 +31,18 @@ def test_loader_order_is_seeded_resumable_and_worker_independent(tiny_corpus, ti
     with_workers = _batches(make_loader(utts, processor, batch_size=3, num_workers=2, shuffle=True, seed=11))
     assert [idx for idx, _ in with_workers] == [idx for idx, _ in full]
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(with_workers, full, strict=True))
+
+
+def test_precision_follows_the_setting_then_the_seed_flag():
+    from workflow_scripts.settings import precision_setting
+    from workflow_scripts.training import resolve_precision
+
+    assert precision_setting({"precision": "bf16", "fp16": True}) == "bf16"  # precision wins
+    assert precision_setting({"precision": "auto", "fp16": True}) == "fp16"  # the seed's --fp16
+    assert precision_setting({"precision": "auto", "fp16": False}) == "fp32"
+    assert precision_setting({"precision": "auto", "fp16": "auto"}) == "auto"
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    assert resolve_precision("bf16", cpu) == "bf16"  # asked for explicitly: CPU autocast runs it
+    with pytest.raises(ValueError, match="training.precision"):
+        resolve_precision("fp8", cpu)

@@ -39,19 +39,19 @@ from workflow_scripts.moe import GateMLP, MoEWhisper, load_balance_loss, read_ga
 from workflow_scripts.sampling import sample_utterances
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus
-from workflow_scripts.settings import parse_settings_arg
+from workflow_scripts.settings import parse_settings_arg, precision_setting
 from workflow_scripts.train_loop import fit
 from workflow_scripts.training import (
-    autocast,
     load_base,
     make_loader,
     pick_device,
+    prepare_precision,
     publish_best,
+    resolve_precision,
     resume_identity,
     seed_everything,
-    use_fp16,
 )
-from workflow_scripts.whisper_io import pooled_embeddings
+from workflow_scripts.whisper_io import autocast, pooled_embeddings
 
 log = logging.getLogger("asr")
 # Utterances whose embeddings set a randomly initialised gate's input standardisation.
@@ -67,7 +67,7 @@ class Context(NamedTuple):
     targets: list[int]  # pretraining cluster per utterance (-100 = none): gate supervision
     fixed: list[int] | None  # fixed expert per utterance (control routings), else None
     device: torch.device
-    fp16: bool
+    precision: str  # fp32, fp16 or bf16
 
 
 def build_moe(base_model: str, settings: dict, gating: Path | None, experts: Path | None):
@@ -122,7 +122,7 @@ def run_batch(moe: MoEWhisper, batch: dict, ctx: Context) -> dict:
     labels = batch["labels"].to(ctx.device)
     if ctx.fixed is not None or moe.gate is None:
         idx = torch.tensor([ctx.fixed[i] if ctx.fixed else 0 for i in batch["index"]])
-        with autocast(ctx.fp16, ctx.device):
+        with autocast(ctx.precision, ctx.device):
             out = moe(feats, labels, expert_idx=idx)
         return {**out, "gate_inputs": None}
     with torch.no_grad(), eval_mode(moe.base):
@@ -132,7 +132,7 @@ def run_batch(moe: MoEWhisper, batch: dict, ctx: Context) -> dict:
     targets = [ctx.targets[i] for i in batch["index"]]
     clusters = torch.tensor(targets, device=ctx.device)
     use_clusters = ctx.cfg["gate_supervision_weight"] > 0 and max(targets) >= 0  # decided on the host: no wait
-    with autocast(ctx.fp16, ctx.device):
+    with autocast(ctx.precision, ctx.device):
         out = moe(feats, labels, emb, cluster_labels=clusters if use_clusters else None, balance_coef=0.0,
                   gate_loss_coef=ctx.cfg["gate_supervision_weight"])
     return {**out, "gate_inputs": emb}
@@ -194,9 +194,10 @@ def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], p
             usage[k] += 1
     result = {"val_loss": total / max(n, 1), "val_expert_usage": usage}
     if wer_utts:
-        experts, weights = route_utterances(moe, processor, wer_utts, device=ctx.device,
+        experts, weights = route_utterances(moe, processor, wer_utts, device=ctx.device, precision=ctx.precision,
                                             batch_size=ctx.cfg["batch_size"], **routing)
         hyps, _ = decode_routed(moe, processor, wer_utts, experts, weights, batch_size=ctx.cfg["batch_size"],
+                                precision=ctx.precision,
                                 device=ctx.device)
         scores = score_corpus((u.transcript, h, u.etiology) for u, h in zip(wer_utts, hyps, strict=True))
         result["val_wer"] = scores["overall"]["wer"]
@@ -223,14 +224,16 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     device = pick_device()
     moe, processor, pooling, layer = build_moe(base_model, settings, gating, experts)
     moe.to(device).train()
-    fp16 = use_fp16(tcfg["fp16"], device)
+    precision = resolve_precision(precision_setting(tcfg), device)
+    prepare_precision(moe, precision, device)
     routing = {"routing": cfg["routing"], "pooling": pooling, "layer": layer, "etiologies": settings["etiologies"],
                "seed": settings["seed"]}
     if moe.gate is not None and gating is None:
         # A random gate still needs standardised inputs, as a pretrained one has (gating.py).
         sample = sample_utterances(train_utts, n=min(STANDARDIZATION_SAMPLES, len(train_utts)), seed=settings["seed"])
         moe.gate.fit_standardization(gate_inputs(moe, processor, sample, pooling=pooling, layer=layer,
-                                                 batch_size=cfg["batch_size"], device=device).to(device))
+                                                 batch_size=cfg["batch_size"], device=device,
+                                                 precision=precision).to(device))
     cluster_of = {}
     if assignment is not None:
         a = json.loads(assignment.read_text())
@@ -240,7 +243,8 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
         fixed = None
         if cfg["routing"] in FIXED_ROUTINGS:
             fixed = fixed_experts(utts, cfg["routing"], moe.num_experts, settings["etiologies"], settings["seed"])
-        return Context(cfg, pooling, layer, [cluster_of.get(u.id, -100) for u in utts], fixed, device, fp16)
+        return Context(cfg, pooling, layer, [cluster_of.get(u.id, -100) for u in utts], fixed, device,
+                       precision)
 
     train_ctx, val_ctx = context(train_utts), context(val_utts)
     select_by = tcfg["select_best_by"]
@@ -265,14 +269,14 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
                          lambda: validate(moe, val_loader, val_ctx, wer_utts, processor, routing))
     loop = fit(recipe, optimizer=torch.optim.AdamW(groups), epoch_loader=epoch_loader,
                epoch_sizes=_epoch_sizes(len(train_utts), cfg["epochs"], max_passes), batch_size=cfg["batch_size"],
-               tcfg=tcfg, work_dir=work_dir, identity=identity, select_by=select_by, fp16=fp16,
+               tcfg=tcfg, work_dir=work_dir, identity=identity, select_by=select_by, precision=precision,
                batch_size_key="asr.batch_size", name="joint training")
     history, best_epoch = loop["history"], loop["best_epoch"]
     best_entry = next((h for h in history if h["epoch"] == best_epoch), None)
     record = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
               "layer": layer, "routing": cfg["routing"], "etiologies": settings["etiologies"],
               "seed": settings["seed"], "pretrained": gating is not None, "num_experts": moe.num_experts,
-              "selected_by": select_by, "best_epoch": best_epoch, "skipped_steps": loop["skipped_steps"],
+              "precision": precision, "selected_by": select_by, "best_epoch": best_epoch, "skipped_steps": loop["skipped_steps"],
               "best_val_loss": best_entry["val_loss"] if best_entry else None,
               "best_val_wer": best_entry.get("val_wer") if best_entry else None,
               "n_train": len(train_utts), "n_val": len(val_utts), "n_val_wer": len(wer_utts),

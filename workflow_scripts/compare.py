@@ -35,7 +35,7 @@ from workflow_scripts import eval as evaluation
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
-from workflow_scripts.training import pick_device
+from workflow_scripts.training import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.variants import TRAINED, VARIANTS, variant_settings
 from workflow_scripts.whisper_io import transcribe, window_seconds
 
@@ -76,17 +76,19 @@ def _cost(model_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int) -> dict:
+def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int, precision: str = "auto") -> dict:
     """The stock base model at its native window (not the run's shortened one), plain greedy generate."""
     device = pick_device()
     model, processor = load_whisper(base_model)
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)
+    precision = resolve_precision(precision, device)
+    prepare_precision(model, precision, device)
     utts = read_utterances(utterances)
     start = time.perf_counter()
     hyps: list[str] = []
     for begin in range(0, len(utts), batch_size):
         audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
-        hyps += transcribe(model, processor, audios, batch_size=batch_size)
+        hyps += transcribe(model, processor, audios, batch_size=batch_size, precision=precision)
     extra = {"num_experts": 0, "routing": None, "base_model": base_model, "encoder_window_s": window_seconds(model),
              "decode_seconds": round(time.perf_counter() - start, 2),
              "trainable_params": {"lora": 0, "gate": 0, "total": 0}, "train_seconds": 0.0, "utterance_passes": 0,
@@ -97,7 +99,8 @@ def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int)
 def eval_variant(variant: str, utterances: Path, base_model: str, out_dir: Path, settings: dict,
                  model: Path | None = None) -> dict:
     if variant == "zero_shot":
-        metrics = zero_shot(utterances, base_model, out_dir, settings["eval"]["batch_size"])
+        metrics = zero_shot(utterances, base_model, out_dir, settings["eval"]["batch_size"],
+                            settings.get("precision", "auto"))
     else:
         if model is None:
             raise ValueError(f"variant {variant} needs --model (its trained folder)")

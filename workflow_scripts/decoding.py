@@ -21,7 +21,7 @@ import torch
 
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, load_audio
-from workflow_scripts.whisper_io import generate_kwargs, input_features, pooled_embeddings
+from workflow_scripts.whisper_io import autocast, generate_kwargs, input_features, pooled_embeddings
 
 log = logging.getLogger("decoding")
 FIXED_ROUTINGS = ("random_speaker", "etiology")
@@ -69,13 +69,13 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, pooling: str, layer: str | int,
-                batch_size: int, device: torch.device) -> torch.Tensor:
+                batch_size: int, device: torch.device, precision: str = "fp32") -> torch.Tensor:
     """Pooled base-encoder embeddings (routing is off outside moe.routing(), so no LoRA) of each utterance."""
     rows = []
     for begin in range(0, len(utts), batch_size):
         audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
         feats = input_features(processor, audios).to(device)
-        with eval_mode(moe.base):
+        with eval_mode(moe.base), autocast(precision, device):
             pooled = pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
         rows.append(pooled.float().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 1)
@@ -104,21 +104,22 @@ def gate_routes(moe: MoEWhisper, embeddings: torch.Tensor,
 @torch.no_grad()
 def route_utterances(moe: MoEWhisper, processor, utts: Sequence[Utterance], routing: str, *, pooling: str = "mean",
                      layer: str | int = "last", etiologies: Sequence[str] = (), seed: int = 0, batch_size: int = 8,
-                     device: torch.device | None = None) -> tuple[list[int], list[float] | None]:
+                     device: torch.device | None = None,
+                     precision: str = "fp32") -> tuple[list[int], list[float] | None]:
     """(expert, routing weight or None) per utterance; weights are None for full-strength experts."""
     if routing in FIXED_ROUTINGS or moe.num_experts == 1:
         return fixed_experts(utts, routing, moe.num_experts, etiologies, seed), None
     if routing not in ("gate", "gate_speaker"):
         raise ValueError(f"unknown routing {routing!r}; use one of {ROUTINGS}")
     emb = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=batch_size,
-                      device=device or torch.device("cpu"))
+                      device=device or torch.device("cpu"), precision=precision)
     return gate_routes(moe, emb, [u.speaker for u in utts] if routing == "gate_speaker" else None)
 
 
 @torch.no_grad()
 def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts: Sequence[int],
                   weights: Sequence[float] | None, *, batch_size: int, device: torch.device,
-                  baseline: bool = False) -> tuple[list[str], list[str] | None]:
+                  baseline: bool = False, precision: str = "fp32") -> tuple[list[str], list[str] | None]:
     """Greedy transcripts with each utterance through its expert (and, with baseline, the base model alone)."""
     hyps: list[str] = []
     base_hyps: list[str] | None = [] if baseline else None
@@ -128,11 +129,12 @@ def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts
         feats = input_features(processor, audios).to(device)
         kwargs = generate_kwargs(moe.base, [len(a) for a in audios])
         w = None if weights is None else torch.tensor(weights[begin:begin + batch_size])
-        with moe.routing(experts[begin:begin + batch_size], w):
+        with moe.routing(experts[begin:begin + batch_size], w), autocast(precision, device):
             ids = moe.base.generate(feats, **kwargs)
         hyps.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
         if base_hyps is not None:
-            ids = moe.base.generate(feats, **kwargs)  # routing is off again: the frozen base model
+            with autocast(precision, device):
+                ids = moe.base.generate(feats, **kwargs)  # routing is off again: the frozen base model
             base_hyps.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
         log.info("decoded %d / %d", begin + len(batch), len(utts))
     return hyps, base_hyps

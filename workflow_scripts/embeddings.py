@@ -27,15 +27,16 @@ from tqdm import tqdm
 
 from workflow_scripts.sap_data import Utterance, load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
-from workflow_scripts.training import load_base, pick_device
-from workflow_scripts.whisper_io import encoder_layer_index, input_features, pooled_embeddings
+from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
+from workflow_scripts.whisper_io import autocast, encoder_layer_index, input_features, pooled_embeddings
 
 log = logging.getLogger("embeddings")
 
 
 @torch.no_grad()
 def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, batch_size: int,
-                     device: torch.device, on_batch=None, start: int = 0, layer: str | int = "last") -> np.ndarray:
+                     device: torch.device, on_batch=None, start: int = 0, layer: str | int = "last",
+                     precision: str = "fp32") -> np.ndarray:
     """Pooled encoder embeddings (float32, one row per utterance) from `start` on, taken at `layer`.
 
     `on_batch(end, rows)` is called after each batch with the rows computed so far (for checkpoints).
@@ -45,7 +46,8 @@ def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, b
         batch = utts[begin:begin + batch_size]
         audios = [load_audio(u.wav) for u in batch]
         feats = input_features(processor, audios).to(device, model.dtype)
-        pooled = pooled_embeddings(model, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
+        with autocast(precision, device):
+            pooled = pooled_embeddings(model, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
         rows.append(pooled.float().cpu().numpy())
         if on_batch is not None:
             on_batch(begin + len(batch), rows)
@@ -95,8 +97,10 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
     cfg = settings["embeddings"]
     device = pick_device()
     model, processor = load_base(base_model, settings["encoder_window_s"])
-    model.to(device).eval()
+    model.to(device).eval().requires_grad_(False)
     encoder_layer_index(cfg["layer"], len(model.get_encoder().layers))  # a bad layer fails before any work
+    precision = resolve_precision(settings.get("precision", "auto"), device)
+    prepare_precision(model, precision, device)
 
     fingerprint = _fingerprint(utts, base_model, cfg["pooling"], cfg["layer"], settings["encoder_window_s"])
     store = PartialStore(work_dir, fingerprint, cfg["checkpoint_every"])
@@ -109,7 +113,8 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
             store.save(new if done is None else np.concatenate([done.astype(np.float32), new]))
 
     new_rows = embed_utterances(model, processor, utts, pooling=cfg["pooling"], batch_size=cfg["batch_size"],
-                                device=device, on_batch=checkpoint, start=start, layer=cfg["layer"])
+                                device=device, on_batch=checkpoint, start=start, layer=cfg["layer"],
+                                precision=precision)
     parts = [done.astype(np.float32)] if done is not None else []
     matrix = np.concatenate(parts + [new_rows]).astype(np.float16)
     if not np.isfinite(matrix).all():

@@ -26,7 +26,7 @@ from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus, score_utterance
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
-from workflow_scripts.training import load_base, pick_device
+from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
 
 log = logging.getLogger("eval")
 TSV_COLUMNS = ("id", "speaker", "etiology", "expert", "reference", "hypothesis", "wer")
@@ -64,7 +64,7 @@ def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[s
 
 
 def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts: list[int], hyps: list[str],
-                     routes: tuple[list[int], list[float]], cfg: dict, device) -> dict:
+                     routes: tuple[list[int], list[float]], cfg: dict, device, precision: str) -> dict:
     """Scores with each speaker's utterances all sent to the expert of the gate's mean probabilities.
 
     Greedy decoding through the same expert gives the same text, so only the utterances whose expert
@@ -73,7 +73,8 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
     spk_experts, spk_weights = routes
     changed = [i for i, (a, b) in enumerate(zip(experts, spk_experts, strict=True)) if a != b]
     redone, _ = decode_routed(moe, processor, [utts[i] for i in changed], [spk_experts[i] for i in changed],
-                              [spk_weights[i] for i in changed], batch_size=cfg["batch_size"], device=device)
+                              [spk_weights[i] for i in changed], batch_size=cfg["batch_size"], device=device,
+                              precision=precision)
     spk_hyps = list(hyps)
     for i, hyp in zip(changed, redone, strict=True):
         spk_hyps[i] = hyp
@@ -94,7 +95,9 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
                          "evaluate with the run's own base model")
     device = pick_device()
     base, processor = load_base(base_model, record["encoder_window_s"])
-    moe = MoEWhisper.from_pretrained(model_dir, base).to(device).eval()
+    moe = MoEWhisper.from_pretrained(model_dir, base).to(device).eval().requires_grad_(False)
+    precision = resolve_precision(settings.get("precision", "auto"), device)
+    prepare_precision(moe, precision, device)
     utts = read_utterances(utterances)
     cfg = settings["eval"]
     routing = routing or record["routing"]
@@ -102,19 +105,21 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
     speaker_routes = None
     if routing == "gate" and moe.num_experts > 1:
         emb = gate_inputs(moe, processor, utts, pooling=record["pooling"], layer=record["layer"],
-                          batch_size=cfg["batch_size"], device=device)
+                          batch_size=cfg["batch_size"], device=device, precision=precision)
         experts, weights = gate_routes(moe, emb)
         speaker_routes = gate_routes(moe, emb, [u.speaker for u in utts])
     else:
         experts, weights = route_utterances(moe, processor, utts, routing, pooling=record["pooling"],
                                             layer=record["layer"], etiologies=record["etiologies"],
-                                            seed=record["seed"], batch_size=cfg["batch_size"], device=device)
+                                            seed=record["seed"], batch_size=cfg["batch_size"], device=device,
+                                            precision=precision)
     hyps, base_hyps = decode_routed(moe, processor, utts, experts, weights, batch_size=cfg["batch_size"],
-                                    device=device, baseline=cfg["baseline"])
+                                    device=device, baseline=cfg["baseline"], precision=precision)
     extra = {"num_experts": moe.num_experts, "routing": routing, "base_model": base_model,
-             "encoder_window_s": record["encoder_window_s"]}
+             "encoder_window_s": record["encoder_window_s"], "precision": precision}
     if speaker_routes is not None:
-        extra["speaker_routing"] = _speaker_routing(moe, processor, utts, experts, hyps, speaker_routes, cfg, device)
+        extra["speaker_routing"] = _speaker_routing(moe, processor, utts, experts, hyps, speaker_routes, cfg, device,
+                                                    precision)
     extra["decode_seconds"] = round(time.perf_counter() - start, 2)
     if base_hyps is not None:
         # The frozen base model on the same utterances and window: what the experts gained per etiology.

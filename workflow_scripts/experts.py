@@ -27,18 +27,19 @@ from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import read_gate_file
 from workflow_scripts.sap_data import Utterance, read_utterances
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg, precision_setting, write_json_atomic
 from workflow_scripts.train_loop import fit
 from workflow_scripts.training import (
-    autocast,
     load_base,
     make_loader,
     pick_device,
+    prepare_precision,
     publish_best,
+    resolve_precision,
     resume_identity,
     seed_everything,
-    use_fp16,
 )
+from workflow_scripts.whisper_io import autocast
 
 log = logging.getLogger("experts")
 
@@ -66,10 +67,13 @@ def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path,
     if missing:
         device = pick_device()
         model, processor = load_base(base_model, settings["encoder_window_s"])
-        model.to(device).eval()
+        model.to(device).eval().requires_grad_(False)
+        # The same arithmetic as the embeddings stage, whose rows the other utterances' labels came from.
+        precision = resolve_precision(settings.get("precision", "auto"), device)
+        prepare_precision(model, precision, device)
         matrix = embed_utterances(model, processor, missing, pooling=extra["pooling"],
                                   layer=extra.get("layer", "last"), batch_size=settings["embeddings"]["batch_size"],
-                                  device=device)
+                                  device=device, precision=precision)
         with torch.no_grad():
             routed = gate(torch.from_numpy(matrix)).argmax(1).tolist()
         for u, k in zip(missing, routed, strict=True):
@@ -93,11 +97,11 @@ def _utterances_of(assignment: dict, split: str, expert: int) -> list[Utterance]
 
 
 @torch.no_grad()
-def validation_loss(model, loader, device, fp16: bool) -> float:
+def validation_loss(model, loader, device, precision: str) -> float:
     model.eval()
     total, count = 0.0, 0
     for batch in loader:
-        with autocast(fp16, device):
+        with autocast(precision, device):
             out = model(input_features=batch["input_features"].to(device), labels=batch["labels"].to(device))
         n = len(batch["index"])
         total += out.loss.item() * n
@@ -124,7 +128,8 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
     model = get_peft_model(model, LoraConfig(r=lora["r"], lora_alpha=lora["alpha"], lora_dropout=lora["dropout"],
                                              target_modules=list(lora["target_modules"])))
     model.to(device).train()
-    fp16 = use_fp16(tcfg["fp16"], device)
+    precision = resolve_precision(precision_setting(tcfg), device)
+    prepare_precision(model, precision, device)
     metrics: dict = {"expert": expert, "n_train": len(train_utts), "n_val": len(val_utts), "val_note": val_note,
                      "history": [], "utterance_passes": 0, "train_seconds": 0.0}
     if not train_utts:
@@ -143,11 +148,11 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
                            shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip, limit=limit)
 
     identity = resume_identity(settings, utterances=[u.id for u in train_utts] + [u.id for u in val_utts])
-    recipe = ExpertRecipe(model, val_loader, device, fp16)
+    recipe = ExpertRecipe(model, val_loader, device, precision)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
     loop = fit(recipe, optimizer=optimizer, epoch_loader=epoch_loader, epoch_sizes=[len(train_utts)] * cfg["epochs"],
                batch_size=cfg["batch_size"], tcfg=tcfg, work_dir=work_dir, identity=identity, select_by="loss",
-               fp16=fp16, batch_size_key="experts.batch_size", name=f"expert {expert}")
+               precision=precision, batch_size_key="experts.batch_size", name=f"expert {expert}")
     best = next((h for h in loop["history"] if h["epoch"] == loop["best_epoch"]), None)
     metrics.update(history=loop["history"], best_val_loss=best["val_loss"] if best else None,
                    utterance_passes=loop["utterance_passes"], train_seconds=loop["train_seconds"],
@@ -161,11 +166,11 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
 class ExpertRecipe:
     """Expert pretraining's part of the shared loop: one PEFT LoRA on its cluster's utterances."""
 
-    def __init__(self, model, val_loader, device: torch.device, fp16: bool):
-        self.model, self.val_loader, self.device, self.fp16 = model, val_loader, device, fp16
+    def __init__(self, model, val_loader, device: torch.device, precision: str):
+        self.model, self.val_loader, self.device, self.precision = model, val_loader, device, precision
 
     def batch_losses(self, batch: dict) -> dict:
-        with autocast(self.fp16, self.device):
+        with autocast(self.precision, self.device):
             out = self.model(input_features=batch["input_features"].to(self.device),
                              labels=batch["labels"].to(self.device))
         return {"loss": out.loss}
@@ -174,7 +179,7 @@ class ExpertRecipe:
         return {}
 
     def validate(self) -> dict:
-        return {"val_loss": validation_loss(self.model, self.val_loader, self.device, self.fp16)}
+        return {"val_loss": validation_loss(self.model, self.val_loader, self.device, self.precision)}
 
     def save(self, out_dir: Path) -> None:
         self.model.save_pretrained(out_dir)

@@ -21,7 +21,7 @@ import yaml
 SCHEMA_PATH = Path(__file__).resolve().parent.parent / "config" / "schema.yaml"
 
 # Keys of a run that every stage may read; sections are added per stage.
-COMMON_KEYS = ("base_model", "seed", "encoder_window_s", "num_experts", "skip_pretraining", "etiologies")
+COMMON_KEYS = ("base_model", "seed", "encoder_window_s", "num_experts", "skip_pretraining", "etiologies", "precision")
 
 
 class SettingsError(ValueError):
@@ -103,11 +103,21 @@ def resolve_run(config: dict, run: str) -> dict:
     _validate_run(entry, schema, f"config runs.{run}")
     settings = _merge(_merge(_run_defaults(schema), hardware), entry)
     settings["name"] = run
+    # Derived, not a config key: the inference stages need the precision but not the rest of `training`.
+    settings["precision"] = precision_setting(settings["training"])
     data = settings["data"]
     scale = (data["data_percent"] or 100.0) / 100.0
     for key in ("embedding_percent", "expert_percent", "asr_percent"):
         data[key] = data[key] * scale
     return settings
+
+
+def precision_setting(training: dict) -> str:
+    """The run's precision before the device is known: training.precision, else the seed's fp16 flag
+    (true = fp16, false = fp32), else auto. Every stage that runs the encoder uses it."""
+    if training.get("precision", "auto") != "auto":
+        return training["precision"]
+    return {True: "fp16", False: "fp32"}.get(training.get("fp16", "auto"), "auto")
 
 
 def stage_settings(settings: dict, *sections: str) -> dict:

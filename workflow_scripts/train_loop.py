@@ -66,7 +66,7 @@ def _group_size(i: int, accum: int, n_batches: int) -> int:
 
 def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, epoch_loader: Callable[[int, int, int], object],
         epoch_sizes: list[int], batch_size: int, tcfg: dict, work_dir: Path, identity: dict, select_by: str,
-        fp16: bool, batch_size_key: str, name: str) -> dict:
+        precision: str, batch_size_key: str, name: str) -> dict:
     """Train until the epochs (or utterance passes) are done or patience runs out.
 
     epoch_loader(epoch, skip_batches, limit) gives an epoch's batches in a seeded order, the first
@@ -79,7 +79,8 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, epoch_loader: Calla
     total_steps = sum(math.ceil(b / accum) for b in batches_in)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg["warmup_ratio"] * total_steps), total_steps)
     device = params[0].device
-    scaler = torch.amp.GradScaler(device.type, enabled=fp16)
+    # fp16 gradients underflow without loss scaling; bf16 has the range of fp32 and needs none.
+    scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
     resume_path, best_dir, metrics_path = work_dir / "resume.pt", work_dir / "best", work_dir / "metrics.jsonl"
     work_dir.mkdir(parents=True, exist_ok=True)
     st = {"epoch": 1, "batch_in_epoch": 0, "global_step": 0, "best": (float("inf"),), "since_best": 0,

@@ -6,7 +6,6 @@ share is how an utterance becomes a batch and how a resume checkpoint is written
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
@@ -24,7 +23,7 @@ from workflow_scripts.base_model import POSITIONS_PER_SECOND, load_whisper, set_
 from workflow_scripts.sap_data import Utterance, load_audio
 from workflow_scripts.scoring import training_text
 from workflow_scripts.settings import write_json_atomic
-from workflow_scripts.whisper_io import input_features, label_ids
+from workflow_scripts.whisper_io import HALF_DTYPES, PRECISIONS, input_features, label_ids
 
 log = logging.getLogger("training")
 
@@ -100,20 +99,34 @@ def make_loader(utts: Sequence[Utterance], processor, *, batch_size: int, num_wo
                       generator=torch.Generator().manual_seed(seed))
 
 
-def use_fp16(setting, device: torch.device) -> bool:
-    """fp16 'auto' = on for CUDA; fp16 on the CPU is refused rather than silently slow."""
+
+
+def resolve_precision(setting: str, device: torch.device) -> str:
+    """fp32, fp16 or bf16 on this device. auto: bf16 on a CUDA device that has it, else fp16 on CUDA,
+    fp32 on the CPU. An explicit fp16/bf16 on the CPU runs (CPU autocast does both), slowly."""
     if setting == "auto":
-        return device.type == "cuda"
-    if setting and device.type != "cuda":
-        log.warning("fp16 requested without a CUDA device; training in float32")
-        return False
-    return bool(setting)
+        if device.type != "cuda":
+            return "fp32"
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    if setting not in PRECISIONS:
+        raise ValueError(f"training.precision={setting!r}: use auto or one of {PRECISIONS}")
+    if setting != "fp32" and device.type != "cuda":
+        log.warning("%s on the CPU: autocast runs it, but several times slower than fp32", setting)
+    return setting
 
 
-def autocast(enabled: bool, device: torch.device):
-    if not enabled:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16)
+def prepare_precision(model: torch.nn.Module, precision: str, device: torch.device) -> None:
+    """On CUDA: TF32 matmuls, and the frozen weights held in the half dtype (half the memory and
+    bandwidth); trainable weights (adapters, gate) stay float32, as the optimizer needs. On the CPU
+    nothing is cast: autocast alone runs the half-precision path."""
+    if device.type != "cuda":
+        return
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+    if precision in HALF_DTYPES:
+        for p in model.parameters():
+            if not p.requires_grad:
+                p.data = p.data.to(HALF_DTYPES[precision])
 
 
 def save_resume(path: Path, state: dict) -> None:

@@ -6,6 +6,7 @@ set once by `base_model.load_whisper(..., encoder_window_s)`; nothing here assum
 
 from __future__ import annotations
 
+import contextlib
 import math
 from collections.abc import Sequence
 
@@ -20,6 +21,17 @@ SAMPLES_PER_ENCODER_FRAME = 320  # mel hop 160 samples, then the stride-2 conv2
 TOKENS_PER_SECOND = 6
 TOKEN_MARGIN = 10
 MULTILINGUAL_MIN_VOCAB = 51865
+
+
+PRECISIONS = ("fp32", "fp16", "bf16")
+HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+def autocast(precision: str, device: torch.device):
+    """Mixed precision for a forward pass (no-op for fp32). fp16 training also needs a GradScaler; bf16 does not."""
+    if precision not in HALF_DTYPES:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=HALF_DTYPES[precision])
 
 
 def window_seconds(model: WhisperForConditionalGeneration) -> float:
@@ -151,7 +163,7 @@ def generate_kwargs(model: WhisperForConditionalGeneration, num_samples: int | S
 
 
 def transcribe(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
-               audios: Sequence[np.ndarray], batch_size: int = 8) -> list[str]:
+               audios: Sequence[np.ndarray], batch_size: int = 8, precision: str = "fp32") -> list[str]:
     """Greedy transcripts, batched; each batch pads to the model window."""
     param = next(model.parameters())
     texts: list[str] = []
@@ -159,6 +171,7 @@ def transcribe(model: WhisperForConditionalGeneration, processor: WhisperProcess
         for start in range(0, len(audios), batch_size):
             batch = audios[start:start + batch_size]
             feats = input_features(processor, batch).to(param.device, param.dtype)
-            ids = model.generate(feats, **generate_kwargs(model, [len(a) for a in batch]))
+            with autocast(precision, param.device):
+                ids = model.generate(feats, **generate_kwargs(model, [len(a) for a in batch]))
             texts.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
     return texts
