@@ -81,6 +81,7 @@ def pretraining_inputs(wildcards):
         "gating": f"results/{run}/gating.pt",
         "experts": f"results/{run}/experts/manifest.json",
         "assignment": f"results/{run}/experts/assignment.json",
+        "embeddings": f"results/{run}/embeddings/mapping.json",
     }
 
 
@@ -99,7 +100,7 @@ def final_targets(wildcards):
 
 def pretrained_flags(wildcards, input):
     """CLI flags for the pretrained gate/experts, empty when the run skips pretraining."""
-    names = ("gating", "experts", "assignment")
+    names = ("gating", "experts", "assignment", "embeddings")
     return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())
 
 

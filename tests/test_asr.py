@@ -44,14 +44,14 @@ def test_training_and_eval_route_each_utterance_to_the_same_expert(utterance_fil
     s = settings()
     moe, processor, pooling, layer = asr.build_moe(str(tiny_random), s, None, None)
     utts = read_utterances(utterance_files / "train.json")
-    moe.gate.fit_standardization(gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=4,
-                                             device=torch.device("cpu")))
+    rows = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=4, device=torch.device("cpu"))
+    moe.gate.fit_standardization(rows)
     with torch.no_grad():
         # A gate whose dropout, were it on when routing, would reshuffle the routes.
         for p in moe.gate.parameters():
             p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
         moe.gate.net[2].p = 0.9
-    ctx = asr.Context(s["asr"], pooling, layer, [-100] * len(utts), None, torch.device("cpu"), False)
+    ctx = asr.Context(s["asr"], pooling, layer, [-100] * len(utts), None, rows, torch.device("cpu"), "fp32")
     moe.train()
     trained = []
     for batch in make_loader(utts, processor, batch_size=4, num_workers=0, shuffle=False):
@@ -118,3 +118,50 @@ def test_patience_counts_epochs_or_validations(utterance_files, tiny_random, tmp
                        tmp_path / "out", tmp_path / "work", copy.deepcopy(s))
     assert len(record["history"]) == epochs_run
     assert record["best_epoch"] == 2
+
+
+def test_cached_gate_inputs_equal_a_fresh_computation(utterance_files, tiny_random, tmp_path, monkeypatch):
+    from workflow_scripts import embeddings, gate_features
+
+    s = settings()
+    moe, processor, pooling, layer = asr.build_moe(str(tiny_random), s, None, None)
+    utts = read_utterances(utterance_files / "train.json")
+    cpu = torch.device("cpu")
+    spec = {"base_model": str(tiny_random), "encoder_window_s": 10, "pooling": pooling, "layer": layer,
+            "precision": "fp32"}
+    fresh = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=3, device=cpu)
+    # Half of the utterances were embedded by the embeddings stage, the same way: their rows are reused.
+    write_utterances(tmp_path / "embedded.json", utts[:4])
+    embeddings.extract(tmp_path / "embedded.json", str(tiny_random), tmp_path / "emb", tmp_path / "w", s)
+    computed = []
+    original = gate_features.gate_inputs
+    monkeypatch.setattr(gate_features, "gate_inputs",
+                        lambda m, p, us, **k: computed.extend(us) or original(m, p, us, **k))
+    cached = gate_features.gate_features(moe, processor, utts, spec=spec, batch_size=2, device=cpu,
+                                         cache_dir=tmp_path / "cache", embeddings_dir=tmp_path / "emb")
+    assert [u.id for u in computed] == [u.id for u in utts[4:]]
+    torch.testing.assert_close(cached, fresh, atol=2e-3, rtol=0)
+    # A resumed job reads the cache back without running the encoder.
+    computed.clear()
+    again = gate_features.gate_features(moe, processor, utts, spec=spec, batch_size=2, device=cpu,
+                                        cache_dir=tmp_path / "cache", embeddings_dir=tmp_path / "emb")
+    assert computed == [] and torch.equal(again, cached)
+    # Embeddings made another way (another layer) are not taken for the gate's input.
+    other = gate_features.gate_features(moe, processor, utts, spec={**spec, "layer": 1}, batch_size=2, device=cpu,
+                                        cache_dir=tmp_path / "cache", embeddings_dir=tmp_path / "emb")
+    assert len(computed) == len(utts) and other.shape == cached.shape
+
+
+def test_encoder_runs_once_per_training_step(utterance_files, tiny_random, tmp_path, monkeypatch):
+    from transformers.models.whisper import modeling_whisper
+
+    calls = []
+    forward = modeling_whisper.WhisperEncoder.forward
+    monkeypatch.setattr(modeling_whisper.WhisperEncoder, "forward",
+                        lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
+                       tmp_path / "out", tmp_path / "work", settings(asr={"epochs": 2, "batch_size": 4}))
+    # 8 train and 2 validation utterances, batch 4: the gate inputs once (2 + 1 batches), then per epoch
+    # 2 training steps and 1 validation batch, each with a single encoder pass.
+    assert record["utterance_passes"] == 16
+    assert len(calls) == (2 + 1) + 2 * (2 + 1)

@@ -29,11 +29,10 @@ import torch
 from workflow_scripts.decoding import (
     FIXED_ROUTINGS,
     decode_routed,
-    eval_mode,
     fixed_experts,
-    gate_inputs,
     route_utterances,
 )
+from workflow_scripts.gate_features import gate_features
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import GateMLP, MoEWhisper, load_balance_loss, read_gate_file
 from workflow_scripts.sampling import sample_utterances
@@ -51,11 +50,9 @@ from workflow_scripts.training import (
     resume_identity,
     seed_everything,
 )
-from workflow_scripts.whisper_io import autocast, pooled_embeddings
+from workflow_scripts.whisper_io import autocast
 
 log = logging.getLogger("asr")
-# Utterances whose embeddings set a randomly initialised gate's input standardisation.
-STANDARDIZATION_SAMPLES = 1000
 
 
 class Context(NamedTuple):
@@ -66,6 +63,7 @@ class Context(NamedTuple):
     layer: str | int
     targets: list[int]  # pretraining cluster per utterance (-100 = none): gate supervision
     fixed: list[int] | None  # fixed expert per utterance (control routings), else None
+    gate_rows: torch.Tensor | None  # the gate's input per utterance (gate_features), on the device
     device: torch.device
     precision: str  # fp32, fp16 or bf16
 
@@ -125,10 +123,8 @@ def run_batch(moe: MoEWhisper, batch: dict, ctx: Context) -> dict:
         with autocast(ctx.precision, ctx.device):
             out = moe(feats, labels, expert_idx=idx)
         return {**out, "gate_inputs": None}
-    with torch.no_grad(), eval_mode(moe.base):
-        # The gate sees the base encoder's embedding (no LoRA: routing is off outside moe.routing()),
-        # computed exactly as eval computes it.
-        emb = pooled_embeddings(moe.base, feats, batch["num_samples"], pooling=ctx.pooling, layer=ctx.layer).float()
+    # The gate's input was computed once for the job (gate_features): the encoder runs once per step.
+    emb = ctx.gate_rows[torch.tensor(batch["index"], device=ctx.device)]
     targets = [ctx.targets[i] for i in batch["index"]]
     clusters = torch.tensor(targets, device=ctx.device)
     use_clusters = ctx.cfg["gate_supervision_weight"] > 0 and max(targets) >= 0  # decided on the host: no wait
@@ -214,8 +210,9 @@ def _epoch_sizes(n: int, epochs: int, max_passes: int | None) -> list[int]:
 
 def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir: Path, settings: dict,
           gating: Path | None = None, experts: Path | None = None, assignment: Path | None = None,
-          max_passes: int | None = None) -> dict:
-    """Joint training; `max_passes` replaces the epoch count by a budget of utterance passes."""
+          max_passes: int | None = None, embeddings: Path | None = None) -> dict:
+    """Joint training; `max_passes` replaces the epoch count by a budget of utterance passes; `embeddings`
+    (the embeddings stage's folder) lends the gate inputs it already has."""
     cfg, tcfg = settings["asr"], settings["training"]
     seed_everything(settings["seed"])
     train_utts, val_utts = read_utterances(train_path), read_utterances(val_path)
@@ -228,25 +225,29 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     prepare_precision(moe, precision, device)
     routing = {"routing": cfg["routing"], "pooling": pooling, "layer": layer, "etiologies": settings["etiologies"],
                "seed": settings["seed"]}
-    if moe.gate is not None and gating is None:
-        # A random gate still needs standardised inputs, as a pretrained one has (gating.py).
-        sample = sample_utterances(train_utts, n=min(STANDARDIZATION_SAMPLES, len(train_utts)), seed=settings["seed"])
-        moe.gate.fit_standardization(gate_inputs(moe, processor, sample, pooling=pooling, layer=layer,
-                                                 batch_size=cfg["batch_size"], device=device,
-                                                 precision=precision).to(device))
+    rows = {"train": None, "val": None}
+    if moe.gate is not None:
+        spec = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
+                "layer": layer, "precision": precision}
+        for name, utts in (("train", train_utts), ("val", val_utts)):
+            rows[name] = gate_features(moe, processor, utts, spec=spec, batch_size=cfg["batch_size"], device=device,
+                                       cache_dir=work_dir, embeddings_dir=embeddings).to(device)
+        if gating is None:
+            # A random gate still needs standardised inputs, as a pretrained one has (gating.py).
+            moe.gate.fit_standardization(rows["train"])
     cluster_of = {}
     if assignment is not None:
         a = json.loads(assignment.read_text())
         cluster_of = {d["id"]: d["expert"] for split in ("train", "val") for d in a[split]}
 
-    def context(utts: list[Utterance]) -> Context:
+    def context(utts: list[Utterance], gate_rows: torch.Tensor | None) -> Context:
         fixed = None
         if cfg["routing"] in FIXED_ROUTINGS:
             fixed = fixed_experts(utts, cfg["routing"], moe.num_experts, settings["etiologies"], settings["seed"])
-        return Context(cfg, pooling, layer, [cluster_of.get(u.id, -100) for u in utts], fixed, device,
+        return Context(cfg, pooling, layer, [cluster_of.get(u.id, -100) for u in utts], fixed, gate_rows, device,
                        precision)
 
-    train_ctx, val_ctx = context(train_utts), context(val_utts)
+    train_ctx, val_ctx = context(train_utts, rows["train"]), context(val_utts, rows["val"])
     select_by = tcfg["select_best_by"]
     wer_utts = []
     if select_by == "wer":
@@ -276,7 +277,8 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     record = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
               "layer": layer, "routing": cfg["routing"], "etiologies": settings["etiologies"],
               "seed": settings["seed"], "pretrained": gating is not None, "num_experts": moe.num_experts,
-              "precision": precision, "selected_by": select_by, "best_epoch": best_epoch, "skipped_steps": loop["skipped_steps"],
+              "precision": precision, "selected_by": select_by, "best_epoch": best_epoch,
+              "skipped_steps": loop["skipped_steps"],
               "best_val_loss": best_entry["val_loss"] if best_entry else None,
               "best_val_wer": best_entry.get("val_wer") if best_entry else None,
               "n_train": len(train_utts), "n_val": len(val_utts), "n_val_wer": len(wer_utts),
@@ -302,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--gating", type=Path, help="pretrained gate (omit for random init)")
     parser.add_argument("--experts", type=Path, help="experts/manifest.json (omit for random init)")
     parser.add_argument("--assignment", type=Path, help="experts/assignment.json: gate supervision targets")
+    parser.add_argument("--embeddings", type=Path,
+                        help="embeddings/mapping.json: gate inputs already computed by the embeddings stage")
     parser.add_argument("--out", type=Path, required=True)
     parser.add_argument("--work-dir", type=Path, required=True, help="resume and periodic checkpoints")
     parser.add_argument("--threads", type=int, default=2)
@@ -311,7 +315,8 @@ def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     train(args.train, args.val, args.base_model, args.out, args.work_dir, parse_settings_arg(args.settings),
-          gating=args.gating, experts=args.experts, assignment=args.assignment, max_passes=args.max_passes)
+          gating=args.gating, experts=args.experts, assignment=args.assignment, max_passes=args.max_passes,
+          embeddings=args.embeddings.parent if args.embeddings else None)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,9 @@ def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, poolin
         feats = input_features(processor, audios).to(device)
         with eval_mode(moe.base), autocast(precision, device):
             pooled = pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
-        rows.append(pooled.float().cpu())
+        # Rounded to float16 as the embeddings stage and the training cache store them, so a route is
+        # the same whichever of them computed the gate's input.
+        rows.append(pooled.half().float().cpu())
     return torch.cat(rows) if rows else torch.zeros(0, 1)
 
 

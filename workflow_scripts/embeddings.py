@@ -129,6 +129,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
         "pooling": cfg["pooling"],
         "layer": cfg["layer"],
         "encoder_window_s": settings["encoder_window_s"],
+        "precision": precision,
         "dim": int(matrix.shape[1]),
         "dtype": "float16",
         "utterances": {u.id: {"row": i, "etiology": u.etiology, "speaker": u.speaker}
