@@ -11,11 +11,12 @@ sys.path.insert(0, workflow.basedir)
 
 from workflow_scripts.base_model import resolve_base_model  # noqa: E402
 from workflow_scripts.variants import TRAINED as COMPARE_TRAINED, VARIANTS as COMPARE_VARIANTS, variants_of  # noqa: E402
-from workflow_scripts.settings import resolve_run, stage_settings  # noqa: E402
+from workflow_scripts.settings import check_runs, resolve_run, stage_settings  # noqa: E402
 
 
 # No defaults filled in here: resolve_run applies them beneath the profile's hardware file, which
 # explicit defaults inside each run entry would otherwise override.
+check_runs(config)
 validate(config, "../config/schema.yaml", set_default=False)
 
 # Stages run as `python -m workflow_scripts.<stage>`: `python` is the interpreter that runs Snakemake

@@ -109,10 +109,12 @@ def test_dry_run_skip_pretraining_drops_pretraining_stages(tmp_path):
 
 
 def test_unknown_run_key_is_a_schema_error_naming_it(tmp_path):
-    write_runs(tmp_path, {"bad": {"dataset_root": "synthetic:tiny", "batch_sise": 3}})
+    write_runs(tmp_path, {"bad": {"dataset_root": "synthetic:tiny", "num_expert": 3}})
     proc = snakemake(tmp_path, "-n", "results/bad/eval/metrics.json", check=False)
     assert proc.returncode != 0
-    assert "batch_sise" in proc.stdout + proc.stderr
+    # The first lines a user sees name the run, the misspelt key and the keys that exist.
+    head = "\n".join((proc.stdout + proc.stderr).splitlines()[:5])
+    assert "runs.bad" in head and "num_expert " in head and "valid keys" in head and "num_experts" in head
 
 
 def test_end_to_end_outputs(finished_run):
@@ -246,6 +248,13 @@ def test_quick_comparison_reports_every_variant_from_its_own_files(quick_compari
         assert rescored["per_etiology"] == entry["per_etiology"], variant
         wer, cer = 100 * entry["overall"]["wer"], 100 * entry["overall"]["cer"]
         assert f"| {variant} | {wer:.2f} | {cer:.2f} |" in report
+
+
+def test_design_card_commands_find_nothing_to_do_after_the_quick_run(quick_comparison):
+    """`make quick` runs with the cpu profile; the design card's bare commands must agree with it."""
+    workdir = quick_comparison.parent.parent.parent
+    proc = snakemake(workdir, "-n", "results/quick/asr_best")
+    assert "Nothing to be done" in proc.stdout + proc.stderr
 
 
 def test_quick_comparison_controls_are_matched(quick_comparison):

@@ -65,8 +65,23 @@ def _validate_run(entry: dict, schema: dict, where: str) -> None:
     errors = sorted(jsonschema.Draft202012Validator(run_schema).iter_errors(entry), key=str)
     if errors:
         err = errors[0]
-        path = ".".join(str(p) for p in err.absolute_path) or "(top level)"
-        raise SettingsError(f"{where}: key {path}: {err.message}. See config/schema.yaml for allowed values.")
+        path = ".".join(str(p) for p in err.absolute_path)
+        if err.validator == "additionalProperties":
+            # A misspelt key: name it and list what the section accepts.
+            unknown = sorted(set(err.instance) - set(err.schema.get("properties", {})))
+            section = f"section {path}" if path else "a run"
+            raise SettingsError(f"{where}: unknown key(s) {', '.join(unknown)} in {section}; valid keys: "
+                                f"{', '.join(sorted(err.schema.get('properties', {})))}. See config/schema.yaml.")
+        raise SettingsError(f"{where}: key {path or '(top level)'}: {err.message}. "
+                            "See config/schema.yaml for allowed values.")
+
+
+def check_runs(config: dict) -> None:
+    """Every run entry against the schema, with an error that names the run and the key first (Snakemake's
+    own validation would print the whole schema before the key)."""
+    schema = load_schema()
+    for name, entry in (config.get("runs") or {}).items():
+        _validate_run(entry or {}, schema, f"config runs.{name}")
 
 
 def load_hardware(path: str) -> dict:
