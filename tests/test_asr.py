@@ -12,21 +12,11 @@ import torch
 from workflow_scripts import asr
 from workflow_scripts.decoding import gate_inputs, route_utterances
 from workflow_scripts.moe import load_balance_loss, read_gate_file
-from workflow_scripts.sap_data import DataReport, read_split, read_utterances, write_utterances
+from workflow_scripts.sap_data import read_utterances, write_utterances
 from workflow_scripts.settings import default_run
 from workflow_scripts.training import make_loader
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
-
-
-@pytest.fixture(scope="module")
-def utterance_files(tiny_corpus, tmp_path_factory):
-    train = read_split(tiny_corpus, "Train", DataReport(), max_duration_s=10)
-    folder = tmp_path_factory.mktemp("lists")
-    val_speakers = set(sorted({u.speaker for u in train})[:2])
-    write_utterances(folder / "train.json", [u for u in train if u.speaker not in val_speakers][:8])
-    write_utterances(folder / "val.json", [u for u in train if u.speaker in val_speakers][:2])
-    return folder
 
 
 def settings(**sections) -> dict:

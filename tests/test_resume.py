@@ -14,7 +14,6 @@ from safetensors.torch import load_file
 
 from workflow_scripts import asr, embeddings
 from workflow_scripts.moe import read_gate_file
-from workflow_scripts.sap_data import DataReport, read_split, write_utterances
 from workflow_scripts.settings import default_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -35,18 +34,6 @@ def crash_after(n_calls: int, fn):
         return fn(*args, **kwargs)
 
     return wrapped
-
-
-@pytest.fixture(scope="module")
-def utterance_files(tiny_corpus, tmp_path_factory):
-    report = DataReport()
-    train = read_split(tiny_corpus, "Train", report, max_duration_s=10)
-    folder = tmp_path_factory.mktemp("lists")
-    by_speaker = sorted({u.speaker for u in train})
-    val_speakers = set(by_speaker[:2])
-    write_utterances(folder / "train.json", [u for u in train if u.speaker not in val_speakers][:8])
-    write_utterances(folder / "val.json", [u for u in train if u.speaker in val_speakers][:2])
-    return folder
 
 
 def run_settings(**overrides) -> dict:

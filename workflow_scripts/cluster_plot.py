@@ -21,10 +21,10 @@ from workflow_scripts.clustering import (
     ClusteringError,
     load_embeddings,
     resolve_settings,
+    settings_or_exit,
     umap_reduce,
     write_atomic,
 )
-from workflow_scripts.settings import parse_settings_arg
 
 
 def project_2d(emb: np.ndarray, method: str, seed: int) -> np.ndarray:
@@ -98,12 +98,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--summary", default=None, help="clusters.json, for the algorithm actually used")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        raw = parse_settings_arg(args.settings)
-        if not isinstance(raw, dict):
-            raise ValueError("expected a mapping with num_experts, seed and a clustering section")
-    except (OSError, ValueError) as e:
-        parser.exit(2, f"error: --settings is neither inline JSON nor a readable JSON/YAML file: {e}\n")
+    raw = settings_or_exit(parser, args.settings)
     try:
         run_plot(args.embeddings_dir, args.labels, args.out, raw, args.summary)
     except ClusteringError as e:

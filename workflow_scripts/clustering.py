@@ -408,6 +408,17 @@ def run_cluster(embeddings_dir: str, labels_out: str, summary_out: str, raw_sett
     return summary
 
 
+def settings_or_exit(parser: argparse.ArgumentParser, value: str) -> dict:
+    """--settings of the clustering CLIs, or exit 2 with a message saying what is wrong with it."""
+    try:
+        raw = parse_settings_arg(value)
+        if not isinstance(raw, dict):
+            raise ValueError("expected a mapping with num_experts, seed and a clustering section")
+    except (OSError, ValueError) as e:
+        parser.exit(2, f"error: --settings is neither inline JSON nor a readable JSON/YAML file: {e}\n")
+    return raw
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m workflow_scripts.clustering", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -418,12 +429,7 @@ def main(argv: list[str] | None = None) -> None:
     c.add_argument("--settings", required=True, help="inline JSON or a JSON/YAML file")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        raw = parse_settings_arg(args.settings)
-        if not isinstance(raw, dict):
-            raise ValueError("expected a mapping with num_experts, seed and a clustering section")
-    except (OSError, ValueError) as e:
-        parser.exit(2, f"error: --settings is neither inline JSON nor a readable JSON/YAML file: {e}\n")
+    raw = settings_or_exit(parser, args.settings)
     try:
         run_cluster(args.embeddings_dir, args.labels_out, args.summary_out, raw)
     except ClusteringError as e:

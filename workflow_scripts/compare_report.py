@@ -21,6 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
+from workflow_scripts.clustering import write_atomic
 from workflow_scripts.scoring import score_corpus, score_utterance
 from workflow_scripts.settings import write_json_atomic
 from workflow_scripts.variants import SINGLE_LORA
@@ -206,10 +207,8 @@ def plot(result: dict, variants: list[str], out: Path) -> None:
     ax.set(ylabel="WER (%)", title="Dev WER per variant")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def write_report(variants_dir: Path, variants: list[str], out_dir: Path, seed: int, title: str) -> dict:

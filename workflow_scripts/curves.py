@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 from pathlib import Path
+
+from workflow_scripts.clustering import write_atomic
 
 
 def read_metrics(model_dir: Path) -> list[dict]:
@@ -38,10 +39,8 @@ def plot(model_dirs: list[Path], out: Path) -> None:
     ax_loss.legend(fontsize=7)
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="Schedule (warm-up, linear decay)")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:
