@@ -41,7 +41,7 @@ def test_training_and_eval_route_each_utterance_to_the_same_expert(utterance_fil
         for p in moe.gate.parameters():
             p.normal_(0, 1.0, generator=torch.Generator().manual_seed(0))
         moe.gate.net[2].p = 0.9
-    ctx = asr.Context(s["asr"], pooling, layer, [-100] * len(utts), None, rows, torch.device("cpu"), "fp32")
+    ctx = asr.Context(s["asr"], [-100] * len(utts), None, rows, torch.device("cpu"), "fp32")
     moe.train()
     trained = []
     for batch in make_loader(utts, processor, batch_size=4, num_workers=0, shuffle=False):

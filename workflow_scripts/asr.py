@@ -59,8 +59,6 @@ class Context(NamedTuple):
     """What a batch needs besides the model: route sources, loss weights, device and precision."""
 
     cfg: dict
-    pooling: str
-    layer: str | int
     targets: list[int]  # pretraining cluster per utterance (-100 = none): gate supervision
     fixed: list[int] | None  # fixed expert per utterance (control routings), else None
     gate_rows: torch.Tensor | None  # the gate's input per utterance (gate_features), on the device
@@ -244,8 +242,7 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
         fixed = None
         if cfg["routing"] in FIXED_ROUTINGS:
             fixed = fixed_experts(utts, cfg["routing"], moe.num_experts, settings["etiologies"], settings["seed"])
-        return Context(cfg, pooling, layer, [cluster_of.get(u.id, -100) for u in utts], fixed, gate_rows, device,
-                       precision)
+        return Context(cfg, [cluster_of.get(u.id, -100) for u in utts], fixed, gate_rows, device, precision)
 
     train_ctx, val_ctx = context(train_utts, rows["train"]), context(val_utts, rows["val"])
     select_by = tcfg["select_best_by"]
