@@ -41,6 +41,12 @@ def settings_json(run, *sections):
     return json.dumps(stage_settings(run_settings(run), *sections), sort_keys=True)
 
 
+def loader_workers(run):
+    """training.num_workers, for the stages that decode audio without training. Given as a resource, not a
+    param: the worker count changes speed only, and a changed param reruns the stage and all after it."""
+    return run_settings(run)["training"]["num_workers"]
+
+
 def dataset_path(run):
     root = run_settings(run)["dataset_root"]
     if root.startswith("synthetic:"):

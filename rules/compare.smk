@@ -58,10 +58,11 @@ rule compare_eval:
     resources:
         mem_mb=8000,
         gpu=1,
+        num_workers=lambda w: loader_workers(w.run),
     shell:
         "python -m workflow_scripts.compare eval --variant {wildcards.variant} --utterances {input.utterances}"
         " --base-model {params.model} {params.flags} --out-dir results/{wildcards.run}/compare/{wildcards.variant}"
-        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule compare_report:

@@ -23,7 +23,8 @@ rule embeddings:
     resources:
         mem_mb=8000,
         gpu=1,
+        num_workers=lambda w: loader_workers(w.run),
     shell:
         "python -m workflow_scripts.embeddings --utterances {input.utterances}"
         " --base-model {params.model} --out-dir results/{wildcards.run}/embeddings"
-        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        " --work-dir {params.work_dir} --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"

@@ -24,7 +24,8 @@ rule eval:
     resources:
         mem_mb=8000,
         gpu=1,
+        num_workers=lambda w: loader_workers(w.run),
     shell:
         "python -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
         " --base-model {params.model} --out-dir results/{wildcards.run}/eval"
-        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"

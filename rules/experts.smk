@@ -24,11 +24,12 @@ rule expert_assignment:
     resources:
         mem_mb=8000,
         gpu=1,
+        num_workers=lambda w: loader_workers(w.run),
     shell:
         "python -m workflow_scripts.experts assign --utterances {input.expert} --val {input.val}"
         " --embeddings-dir results/{wildcards.run}/embeddings --labels {input.labels}"
         " --gating {input.gate} --base-model {params.model} --out {output}"
-        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"
 
 
 rule expert:

@@ -14,7 +14,8 @@ from workflow_scripts.decoding import gate_inputs, route_utterances
 from workflow_scripts.moe import load_balance_loss, read_gate_file
 from workflow_scripts.sap_data import read_utterances, write_utterances
 from workflow_scripts.settings import default_run
-from workflow_scripts.training import make_loader
+from workflow_scripts.training import make_loader, utterance_plan
+from workflow_scripts.whisper_io import encoder_windows
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -43,9 +44,12 @@ def test_training_and_eval_route_each_utterance_to_the_same_expert(utterance_fil
         moe.gate.net[2].p = 0.9
     ctx = asr.Context(s["asr"], [-100] * len(utts), None, rows, torch.device("cpu"), "fp32")
     moe.train()
-    trained = []
-    for batch in make_loader(utts, processor, batch_size=4, num_workers=0, shuffle=False):
-        trained += asr.run_batch(moe, batch, ctx)["expert_idx"].tolist()
+    trained = [None] * len(utts)
+    windows = encoder_windows(moe.base)
+    plan = utterance_plan(utts, windows, 4, shuffle=True, seed=3)
+    for batch in make_loader(utts, processor, plan, windows=windows, num_workers=0):
+        for i, k in zip(batch["index"], asr.run_batch(moe, batch, ctx)["expert_idx"].tolist(), strict=True):
+            trained[i] = k
     moe.eval()
     evaluated, _ = route_utterances(moe, processor, utts, "gate", pooling=pooling, layer=layer, batch_size=3)
     assert trained == evaluated
@@ -117,7 +121,7 @@ def test_cached_gate_inputs_equal_a_fresh_computation(utterance_files, tiny_rand
     moe, processor, pooling, layer = asr.build_moe(str(tiny_random), s, None, None)
     utts = read_utterances(utterance_files / "train.json")
     cpu = torch.device("cpu")
-    spec = {"base_model": str(tiny_random), "encoder_window_s": 10, "pooling": pooling, "layer": layer,
+    spec = {"base_model": str(tiny_random), "encoder_window_s": [10.0, 30.0], "pooling": pooling, "layer": layer,
             "precision": "fp32"}
     fresh = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=3, device=cpu)
     # Half of the utterances were embedded by the embeddings stage, the same way: their rows are reused.

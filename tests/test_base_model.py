@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from workflow_scripts import base_model, whisper_io
 from workflow_scripts.base_model import BaseModelError, load_whisper, materialize, resolve_base_model
+from workflow_scripts.windows import window_ladder
 
 torch.set_num_threads(2)
 
@@ -136,11 +137,15 @@ def test_greedy_tokens_equal_ctranslate2(greedy_30s):
 
 def test_shorter_encoder_window_keeps_transcripts(tiny_en, speech):
     native, native_processor = load_whisper(tiny_en)
-    model, processor = load_whisper(tiny_en, encoder_window_s=10)
-    assert model.config.max_source_positions == 500 and whisper_io.window_seconds(model) == 10
-    assert torch.equal(model.model.encoder.embed_positions.weight,
-                       native.model.encoder.embed_positions.weight[:500])
-    assert whisper_io.input_features(processor, speech[:2]).shape == (2, 80, 1000)
+    model, processor = load_whisper(tiny_en)
+    assert whisper_io.use_encoder_windows(model, window_ladder(10)) == [10, 30]
+    feats = whisper_io.input_features(processor, speech[:2], [10, 30])
+    assert feats.shape == (2, 80, 1000)
+    with torch.no_grad():
+        model.get_encoder()(feats)
+    # Sliced for the pass only: the positions and config are the model's own again afterwards.
+    assert model.config.max_source_positions == 1500 and whisper_io.window_seconds(model) == 30
+    assert torch.equal(model.model.encoder.embed_positions.weight, native.model.encoder.embed_positions.weight)
     hyps = whisper_io.transcribe(model, processor, speech)
     wer = corpus_wer(SENTENCES, hyps)
     print(f"tiny.en zero-shot WER, 10 s window: {wer:.3f}")
@@ -148,14 +153,14 @@ def test_shorter_encoder_window_keeps_transcripts(tiny_en, speech):
     # utterance embeddings pooled over real audio barely depend on the window (measured cos >= 0.99)
     clips, lengths = speech[:3], [len(a) for a in speech[:3]]
     with torch.no_grad():
-        short = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, clips), lengths)
+        short = whisper_io.pooled_embeddings(model, whisper_io.input_features(processor, clips, [10, 30]), lengths)
         long = whisper_io.pooled_embeddings(native, whisper_io.input_features(native_processor, clips), lengths)
     assert torch.nn.functional.cosine_similarity(short, long).min() > 0.98
 
 
-def test_window_longer_than_native_is_refused(tiny_en):
-    with pytest.raises(ValueError, match="native window of 30 s"):
-        load_whisper(tiny_en, encoder_window_s=40)
+def test_window_longer_than_native_is_refused():
+    with pytest.raises(ValueError, match=r"encoder_window_s: 40 .* \(0, 30\]"):
+        window_ladder(40)
 
 
 def test_tiny_random_is_deterministic_and_trains(tmp_path):
@@ -168,11 +173,12 @@ def test_tiny_random_is_deterministic_and_trains(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a", "b"]  # no temp folders left behind
 
     model, processor = load_whisper(first)
-    assert (model.config.d_model, model.config.encoder_layers, model.config.max_source_positions) == (64, 2, 500)
+    assert (model.config.d_model, model.config.encoder_layers, model.config.max_source_positions) == (64, 2, 1500)
     assert len(processor.tokenizer) == model.config.vocab_size == 51864
     audio = [np.sin(np.linspace(0, 900, 24000)).astype(np.float32), np.zeros(8000, np.float32)]
-    feats = whisper_io.input_features(processor, audio)
-    assert feats.shape == (2, 80, 1000)
+    feats = whisper_io.input_features(processor, audio, [5, 30])
+    assert feats.shape == (2, 80, 500)
+    whisper_io.use_encoder_windows(model, [5, 30])
     model.train()
     loss = model(input_features=feats, labels=whisper_io.label_ids(processor, ["hello", "a b c"])).loss
     loss.backward()

@@ -58,11 +58,9 @@ def tcfg(**overrides) -> dict:
 
 
 def run(recipe: LinearRecipe, tmp_path: Path, n_batches: int, **overrides) -> dict:
-    def loader(epoch: int, skip: int, limit: int):
-        return [{"index": [0]} for _ in range(skip, limit)]
-
-    return train_loop.fit(recipe, optimizer=torch.optim.SGD([recipe.w], lr=1.0), epoch_loader=loader,
-                          epoch_sizes=[n_batches], batch_size=1, tcfg=tcfg(**overrides), work_dir=tmp_path,
+    return train_loop.fit(recipe, optimizer=torch.optim.SGD([recipe.w], lr=1.0),
+                          plans=[[[i] for i in range(n_batches)]], loader=lambda plan: [{"index": b} for b in plan],
+                          batch_size=1, tcfg=tcfg(**overrides), work_dir=tmp_path,
                           identity={"test": 1}, select_by="loss", precision="fp32", batch_size_key="x.batch_size",
                           name="test")
 
@@ -77,6 +75,12 @@ def test_last_shorter_accumulation_group_counts_in_full(tmp_path):
     assert [x["step"] for x in lines] == [1, 2]
     assert {"lr", "grad_norm", "loss", "utterances_per_s", "epoch"} <= set(lines[0])
     assert lines[0]["lr"] == [1.0] and lines[1]["lr"] == [0.5]
+
+
+def test_batches_weigh_by_their_share_of_the_group_utterances():
+    # Length-bucketed batches differ in size: a step's gradient is the mean over the group's utterances.
+    assert train_loop.batch_weights([[0, 1, 2], [3], [4, 5], [6, 7]], accum=2) == [0.75, 0.25, 0.5, 0.5]
+    assert train_loop.batch_weights([[0, 1], [2, 3], [4]], accum=2) == [0.5, 0.5, 1.0]  # the last group alone
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):

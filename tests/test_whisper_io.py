@@ -1,4 +1,4 @@
-"""whisper_io helpers on the tiny random Whisper (10 s window, real tiny.en tokenizer)."""
+"""whisper_io helpers on the tiny random Whisper (30 s window, real tiny.en tokenizer)."""
 
 from __future__ import annotations
 
@@ -17,12 +17,15 @@ from workflow_scripts.base_model import load_whisper, materialize
 
 torch.set_num_threads(2)
 SR = whisper_io.SAMPLE_RATE
+LADDER = [5.0, 10.0, 20.0, 30.0]
 
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple:
     path: Path = materialize("tiny-random", tmp_path_factory.mktemp("models") / "tiny-random")
-    return load_whisper(path)
+    model, processor = load_whisper(path)
+    whisper_io.use_encoder_windows(model, LADDER)
+    return model, processor
 
 
 def tone(seconds: float, freq: float = 220.0) -> np.ndarray:
@@ -30,13 +33,39 @@ def tone(seconds: float, freq: float = 220.0) -> np.ndarray:
     return (0.3 * np.sin(2 * np.pi * freq * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))).astype(np.float32)
 
 
-def test_input_features_pad_to_model_window(tiny):
+def test_input_features_pad_to_the_smallest_window_that_holds_the_batch(tiny):
     model, processor = tiny
-    feats = whisper_io.input_features(processor, [tone(1.0), tone(9.5)])
-    assert feats.shape == (2, 80, 2 * model.config.max_source_positions) == (2, 80, 1000)
-    assert whisper_io.window_seconds(model) == 10
-    with pytest.raises(ValueError, match=r"audio #1 lasts 10.50 s, longer than the 10 s encoder window"):
-        whisper_io.input_features(processor, [tone(1.0), tone(10.5)])
+    assert whisper_io.encoder_windows(model) == LADDER and whisper_io.window_seconds(model) == 30
+    for seconds, frames in ((1.0, 500), (5.0, 500), (5.02, 1000), (9.5, 1000), (12.0, 2000), (30.0, 3000)):
+        assert whisper_io.input_features(processor, [tone(1.0), tone(seconds)], LADDER).shape == (2, 80, frames)
+    assert whisper_io.input_features(processor, [tone(1.0)]).shape == (1, 80, 3000)  # no ladder: the own window
+    with pytest.raises(ValueError, match=r"clip of 30.50 s is longer than the largest encoder window \(30 s\)"):
+        whisper_io.input_features(processor, [tone(1.0), tone(30.5)], LADDER)
+
+
+def test_encoder_runs_every_window_and_keeps_its_own(tiny):
+    model, processor = tiny
+    encoder = model.get_encoder()
+    clip = tone(2.0)
+    with torch.no_grad():
+        for window in LADDER:
+            feats = whisper_io.input_features(processor, [clip], [window])
+            out = encoder(feats).last_hidden_state
+            assert out.shape[1] == window * 50
+            # after each pass the model is whole again: generate() must see the 30 s window
+            assert model.config.max_source_positions == encoder.embed_positions.num_embeddings == 1500
+        # the first positions are shared: the first frames differ only through attention to padding
+        five = encoder(whisper_io.input_features(processor, [clip], [5.0])).last_hidden_state
+    assert not torch.allclose(five[0, :100], out[0, :100], atol=1e-4)  # the window matters: one per clip
+
+
+def test_transcribe_puts_each_clip_in_its_own_window(tiny):
+    model, processor = tiny
+    # one clip per window (a batch's token budget follows its longest clip, so batch mates would share one)
+    clips = [tone(12.0), tone(1.0), tone(6.0, 330.0)]
+    together = whisper_io.transcribe(model, processor, clips, batch_size=4)
+    alone = [whisper_io.transcribe(model, processor, [c], batch_size=1)[0] for c in clips]
+    assert together == alone
 
 
 def test_encoder_frames_cover_real_audio():

@@ -10,12 +10,14 @@ import csv
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -74,11 +76,39 @@ def write_runs(workdir: Path, runs: dict) -> None:
     (workdir / "runs.yaml").write_text(yaml.safe_dump({"runs": runs}))
 
 
+LONG_CLIPS_S = {"Dev": (12.0, 25.0, 30.0, 31.0), "Train": (12.0,)}
+
+
+def corpus_with_long_clips(corpus: Path, out: Path) -> Path:
+    """A copy of the tiny corpus whose first speaker of each split also reads long passages (LONG_CLIPS_S):
+    clips of 30 s or less must reach every stage at any window setting; longer ones are skipped, counted."""
+    shutil.copytree(corpus, out)
+    for split, lengths in LONG_CLIPS_S.items():
+        speaker = sorted(p for p in (out / split).iterdir() if p.is_dir())[0]
+        manifest_path = speaker / f"{speaker.name}.json"
+        manifest = json.loads(manifest_path.read_text())
+        entry = manifest["Files"][0]
+        audio, rate = sf.read(speaker / entry["Filename"], dtype="float32")
+        for n, seconds in enumerate(lengths):
+            name = f"{speaker.name}_9000_{n}_16kHz.wav"
+            sf.write(speaker / name, np.resize(audio, round(seconds * rate)), rate)
+            repeats = round(seconds * rate / len(audio))
+            text = " ".join([entry["Prompt"]["Transcript"]] * max(repeats, 1))
+            manifest["Files"].append({**entry, "Filename": name, "Prompt": {**entry["Prompt"], "Transcript": text}})
+        manifest_path.write_text(json.dumps(manifest))
+    return out
+
+
 @pytest.fixture(scope="module")
-def finished_run(tmp_path_factory) -> Path:
-    """One real run of the whole pipeline (tiny corpus, tiny random Whisper)."""
+def finished_run(tmp_path_factory, tiny_corpus) -> Path:
+    """One real run of the whole pipeline (tiny corpus, tiny random Whisper), and one without
+    pretraining at the default window ladder on a corpus with clips up to 31 s, every Dev clip evaluated."""
     workdir = tmp_path_factory.mktemp("workflow")
-    write_runs(workdir, {"t": TEST_RUN, "plain": {**TEST_RUN, "skip_pretraining": True, "num_experts": 3}})
+    long_corpus = corpus_with_long_clips(tiny_corpus, workdir / "long_corpus")
+    plain = {**TEST_RUN, "skip_pretraining": True, "num_experts": 3, "dataset_root": str(long_corpus),
+             "data": {**TEST_RUN["data"], "eval_samples": None}}
+    del plain["encoder_window_s"]
+    write_runs(workdir, {"t": TEST_RUN, "plain": plain})
     snakemake(workdir, *CPU_PROFILE, "results/t/eval/metrics.json", "results/plain/eval/metrics.json")
     return workdir
 
@@ -167,7 +197,21 @@ def test_skip_pretraining_run_trains_from_random_init(finished_run):
     record = json.loads((run / "asr_best" / "training.json").read_text())
     assert record["pretrained"] is False
     assert json.loads((run / "asr_best" / "moe_config.json").read_text())["num_experts"] == 3
-    assert json.loads((run / "eval" / "metrics.json").read_text())["overall"]["n"] == 6
+
+
+def test_no_clip_of_30_s_or_less_is_dropped(finished_run):
+    """At the default window ladder every Dev clip up to 30 s is evaluated, each in a window that holds it;
+    only the 31 s clip is skipped, and counted."""
+    run = finished_run / "results" / "plain"
+    report = json.loads((run / "data_report.json").read_text())
+    kept_dev = sum(report["Dev"]["kept"].values())
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert metrics["overall"]["n"] == kept_dev
+    assert metrics["encoder_window_s"] == [5, 10, 20, 30]
+    assert report["Dev"]["skipped"]["too_long"]["count"] == 1
+    assert report["Train"]["skipped"]["too_long"]["count"] == 0
+    ids = [row["id"] for row in csv.DictReader((run / "eval" / "per_utterance.tsv").open(), delimiter="\t")]
+    assert sum("_9000_" in i for i in ids) == 3  # the 12, 25 and 30 s clips
 
 
 def test_joint_training_moves_exactly_the_routed_experts(finished_run):
@@ -267,8 +311,8 @@ def test_quick_comparison_controls_are_matched(quick_comparison):
     # ... and trained for as many utterance passes as expert pretraining and joint training together.
     assert moe["utterance_passes"] > summary["lora_same_params"]["utterance_passes"]
     assert summary["lora_same_steps"]["utterance_passes"] == moe["utterance_passes"]
-    # The stock model at its native 30 s window, not the run's 10 s one.
-    assert summary["zero_shot"]["encoder_window_s"] == 30 and moe["encoder_window_s"] == 10
+    # The stock model at its native 30 s window only, not the run's ladder (10 s, and 30 s for longer clips).
+    assert summary["zero_shot"]["encoder_window_s"] == [30] and moe["encoder_window_s"] == [10, 30]
 
 
 def test_eval_speaker_routing_equals_decoding_every_utterance_again(quick_comparison):

@@ -49,8 +49,10 @@ from workflow_scripts.training import (
     resolve_precision,
     resume_identity,
     seed_everything,
+    utterance_plan,
 )
-from workflow_scripts.whisper_io import autocast
+from workflow_scripts.whisper_io import autocast, encoder_windows
+from workflow_scripts.windows import window_ladder
 
 log = logging.getLogger("asr")
 
@@ -176,7 +178,8 @@ class JointRecipe:
 
 
 @torch.no_grad()
-def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], processor, routing: dict) -> dict:
+def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], processor, routing: dict,
+             num_workers: int = 0) -> dict:
     """Teacher-forced loss and routing on the validation split; greedy WER on `wer_utts` when given."""
     moe.eval()
     total, n, usage = 0.0, 0, [0] * moe.num_experts
@@ -189,10 +192,9 @@ def validate(moe: MoEWhisper, loader, ctx: Context, wer_utts: list[Utterance], p
     result = {"val_loss": total / max(n, 1), "val_expert_usage": usage}
     if wer_utts:
         experts, weights = route_utterances(moe, processor, wer_utts, device=ctx.device, precision=ctx.precision,
-                                            batch_size=ctx.cfg["batch_size"], **routing)
+                                            batch_size=ctx.cfg["batch_size"], num_workers=num_workers, **routing)
         hyps, _ = decode_routed(moe, processor, wer_utts, experts, weights, batch_size=ctx.cfg["batch_size"],
-                                precision=ctx.precision,
-                                device=ctx.device)
+                                precision=ctx.precision, device=ctx.device, num_workers=num_workers)
         scores = score_corpus((u.transcript, h, u.etiology) for u, h in zip(wer_utts, hyps, strict=True))
         result["val_wer"] = scores["overall"]["wer"]
     moe.train()
@@ -225,10 +227,11 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
                "seed": settings["seed"]}
     rows = {"train": None, "val": None}
     if moe.gate is not None:
-        spec = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
-                "layer": layer, "precision": precision}
+        spec = {"base_model": base_model, "encoder_window_s": window_ladder(settings["encoder_window_s"]),
+                "pooling": pooling, "layer": layer, "precision": precision}
         for name, utts in (("train", train_utts), ("val", val_utts)):
             rows[name] = gate_features(moe, processor, utts, spec=spec, batch_size=cfg["batch_size"], device=device,
+                                       num_workers=tcfg["num_workers"],
                                        cache_dir=work_dir, embeddings_dir=embeddings).to(device)
         if gating is None:
             # A random gate still needs standardised inputs, as a pretrained one has (gating.py).
@@ -254,25 +257,26 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     groups = [{"params": expert_params, "lr": cfg["lr"]}]
     if moe.gate is not None:
         groups.append({"params": list(moe.gate.parameters()), "lr": cfg["gate_lr"]})
-    val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=False)
-
-    def epoch_loader(epoch: int, skip: int, limit: int):
-        return make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                           shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip, limit=limit)
+    windows = encoder_windows(moe.base)
+    val_loader = make_loader(val_utts, processor, utterance_plan(val_utts, windows, cfg["batch_size"], shuffle=False),
+                             windows=windows, num_workers=tcfg["num_workers"])
+    plans = [utterance_plan(train_utts, windows, cfg["batch_size"], shuffle=True, seed=settings["seed"] * 1000 + epoch,
+                            limit=size)
+             for epoch, size in enumerate(_epoch_sizes(len(train_utts), cfg["epochs"], max_passes), start=1)]
 
     identity = resume_identity(settings, base_model=base_model, max_passes=max_passes,
                                train=[u.id for u in train_utts], val=[u.id for u in val_utts])
     recipe = JointRecipe(moe, train_ctx, cfg["load_balance_weight"],
-                         lambda: validate(moe, val_loader, val_ctx, wer_utts, processor, routing))
-    loop = fit(recipe, optimizer=torch.optim.AdamW(groups), epoch_loader=epoch_loader,
-               epoch_sizes=_epoch_sizes(len(train_utts), cfg["epochs"], max_passes), batch_size=cfg["batch_size"],
-               tcfg=tcfg, work_dir=work_dir, identity=identity, select_by=select_by, precision=precision,
+                         lambda: validate(moe, val_loader, val_ctx, wer_utts, processor, routing, tcfg["num_workers"]))
+    loop = fit(recipe, optimizer=torch.optim.AdamW(groups), plans=plans, batch_size=cfg["batch_size"], tcfg=tcfg,
+               loader=lambda plan: make_loader(train_utts, processor, plan, windows=windows,
+                                               num_workers=tcfg["num_workers"], seed=settings["seed"]),
+               work_dir=work_dir, identity=identity, select_by=select_by, precision=precision,
                batch_size_key="asr.batch_size", name="joint training")
     history, best_epoch = loop["history"], loop["best_epoch"]
     best_entry = next((h for h in history if h["epoch"] == best_epoch), None)
-    record = {"base_model": base_model, "encoder_window_s": settings["encoder_window_s"], "pooling": pooling,
-              "layer": layer, "routing": cfg["routing"], "etiologies": settings["etiologies"],
+    record = {"base_model": base_model, "encoder_window_s": window_ladder(settings["encoder_window_s"]),
+              "pooling": pooling, "layer": layer, "routing": cfg["routing"], "etiologies": settings["etiologies"],
               "seed": settings["seed"], "pretrained": gating is not None, "num_experts": moe.num_experts,
               "precision": precision, "selected_by": select_by, "best_epoch": best_epoch,
               "skipped_steps": loop["skipped_steps"],

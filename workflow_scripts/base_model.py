@@ -340,9 +340,9 @@ def _convert_bundle(name: str) -> tuple[WhisperForConditionalGeneration, Whisper
 
 
 def _tiny_random() -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    """Tiny random model (10 s window) with the real tiny.en tokenizer, for fast tests."""
+    """Tiny random model (Whisper's 30 s window) with the real tiny.en tokenizer, for fast tests."""
     assets = _locate_bundle("tiny.en")[2]
-    window_s = 10
+    window_s = 30
     processor = build_processor(assets, n_mels=80, window_s=window_s)
     config = WhisperConfig(
         vocab_size=len(processor.tokenizer), num_mel_bins=80, d_model=64,
@@ -371,42 +371,11 @@ def materialize(spec: str, out_dir: str | os.PathLike) -> Path:
 
 
 # ------------------------------------------------------------------------------------------- loading
-def load_whisper(path_or_id: str | os.PathLike, encoder_window_s: float | None = None
-                 ) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    """Load model + processor; `encoder_window_s` (<= native window) shortens the encoder input.
-
-    Shorter windows keep the first rows of the sinusoidal encoder positions, so the model sees the
-    same positions for the audio it gets; features must then be padded to the shorter window only.
-    """
+def load_whisper(path_or_id: str | os.PathLike) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    """Model + processor at the model's own window; training.load_base adds the run's window ladder."""
     model = WhisperForConditionalGeneration.from_pretrained(path_or_id)
     processor = WhisperProcessor.from_pretrained(path_or_id)
-    if encoder_window_s is not None:
-        set_encoder_window(model, processor, encoder_window_s)
     return model.eval(), processor
-
-
-def set_encoder_window(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
-                       window_s: float) -> None:
-    native_positions = model.config.max_source_positions
-    positions = round(window_s * POSITIONS_PER_SECOND)
-    if window_s <= 0 or abs(positions - window_s * POSITIONS_PER_SECOND) > 1e-6:
-        raise ValueError(f"encoder_window_s={window_s}: must be positive and a multiple of 0.02 s")
-    if positions > native_positions:
-        raise ValueError(f"encoder_window_s={window_s} exceeds this model's native window of "
-                         f"{native_positions / POSITIONS_PER_SECOND:g} s; use a value <= that")
-    encoder = model.model.encoder
-    old = encoder.embed_positions
-    new = torch.nn.Embedding(positions, old.embedding_dim, device=old.weight.device, dtype=old.weight.dtype)
-    new.weight.data.copy_(old.weight.data[:positions])
-    new.weight.requires_grad_(old.weight.requires_grad)
-    encoder.embed_positions = new
-    encoder.max_source_positions = positions
-    model.config.max_source_positions = positions
-    model.model.decoder.max_source_positions = positions
-    extractor = processor.feature_extractor
-    extractor.chunk_length = window_s
-    extractor.n_samples = round(window_s * extractor.sampling_rate)
-    extractor.nb_max_frames = extractor.n_samples // extractor.hop_length
 
 
 def main(argv: list[str] | None = None) -> None:

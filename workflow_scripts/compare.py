@@ -89,7 +89,7 @@ def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int,
     for begin in range(0, len(utts), batch_size):
         audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
         hyps += transcribe(model, processor, audios, batch_size=batch_size, precision=precision)
-    extra = {"num_experts": 0, "routing": None, "base_model": base_model, "encoder_window_s": window_seconds(model),
+    extra = {"num_experts": 0, "routing": None, "base_model": base_model, "encoder_window_s": [window_seconds(model)],
              "decode_seconds": round(time.perf_counter() - start, 2),
              "trainable_params": {"lora": 0, "gate": 0, "total": 0}, "train_seconds": 0.0, "utterance_passes": 0,
              "val_wer": None}
@@ -97,7 +97,7 @@ def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int,
 
 
 def eval_variant(variant: str, utterances: Path, base_model: str, out_dir: Path, settings: dict,
-                 model: Path | None = None) -> dict:
+                 model: Path | None = None, num_workers: int = 0) -> dict:
     if variant == "zero_shot":
         metrics = zero_shot(utterances, base_model, out_dir, settings["eval"]["batch_size"],
                             settings.get("precision", "auto"))
@@ -106,7 +106,8 @@ def eval_variant(variant: str, utterances: Path, base_model: str, out_dir: Path,
             raise ValueError(f"variant {variant} needs --model (its trained folder)")
         eval_settings = {**settings, "eval": {**settings["eval"], "baseline": False}}
         routing = "gate_speaker" if variant == "moe_speaker_routing" else None
-        metrics = evaluation.evaluate(model, utterances, base_model, out_dir, eval_settings, routing=routing)
+        metrics = evaluation.evaluate(model, utterances, base_model, out_dir, eval_settings, routing=routing,
+                                      num_workers=num_workers)
         metrics.update(_cost(model))
         # Rewritten with the cost fields; the scores and per_utterance.tsv are unchanged.
         write_json_atomic(out_dir / "metrics.json", metrics)
@@ -128,6 +129,7 @@ def main(argv: list[str] | None = None) -> None:
     e.add_argument("--utterances", type=Path, required=True)
     e.add_argument("--out-dir", type=Path, required=True)
     e.add_argument("--model", type=Path, help="the variant's trained folder (all but zero_shot)")
+    e.add_argument("--num-workers", type=int, default=0, help="audio decoding processes (training.num_workers)")
     for p in (t, e):
         p.add_argument("--base-model", required=True)
         p.add_argument("--threads", type=int, default=2)
@@ -140,7 +142,8 @@ def main(argv: list[str] | None = None) -> None:
         train_variant(args.variant, args.train, args.val, args.base_model, args.out, args.work_dir, settings,
                       clusters=args.clusters, gating=args.gating, experts=args.experts, mixture=args.mixture)
     else:
-        eval_variant(args.variant, args.utterances, args.base_model, args.out_dir, settings, model=args.model)
+        eval_variant(args.variant, args.utterances, args.base_model, args.out_dir, settings, model=args.model,
+                     num_workers=args.num_workers)
 
 
 if __name__ == "__main__":

@@ -20,8 +20,14 @@ import numpy as np
 import torch
 
 from workflow_scripts.moe import MoEWhisper
-from workflow_scripts.sap_data import Utterance, load_audio
-from workflow_scripts.whisper_io import autocast, generate_kwargs, input_features, pooled_embeddings
+from workflow_scripts.sap_data import Utterance
+from workflow_scripts.training import make_loader, utterance_plan
+from workflow_scripts.whisper_io import (
+    autocast,
+    encoder_windows,
+    generate_kwargs,
+    pooled_embeddings,
+)
 
 log = logging.getLogger("decoding")
 FIXED_ROUTINGS = ("random_speaker", "etiology")
@@ -69,18 +75,21 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
 
 @torch.no_grad()
 def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, pooling: str, layer: str | int,
-                batch_size: int, device: torch.device, precision: str = "fp32") -> torch.Tensor:
-    """Pooled base-encoder embeddings (routing is off outside moe.routing(), so no LoRA) of each utterance."""
-    rows = []
-    for begin in range(0, len(utts), batch_size):
-        audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
-        feats = input_features(processor, audios).to(device)
+                batch_size: int, device: torch.device, precision: str = "fp32", num_workers: int = 0) -> torch.Tensor:
+    """Pooled base-encoder embeddings (routing is off outside moe.routing(), so no LoRA) of each utterance,
+    each at its own encoder window (as the embeddings stage computes them)."""
+    windows = encoder_windows(moe.base)
+    rows: list[torch.Tensor | None] = [None] * len(utts)
+    plan = utterance_plan(utts, windows, batch_size, shuffle=False)
+    for batch in make_loader(utts, processor, plan, windows=windows, num_workers=num_workers):
+        feats = batch["input_features"].to(device)
         with eval_mode(moe.base), autocast(precision, device):
-            pooled = pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
+            pooled = pooled_embeddings(moe.base, feats, batch["num_samples"], pooling=pooling, layer=layer)
         # Rounded to float16 as the embeddings stage and the training cache store them, so a route is
         # the same whichever of them computed the gate's input.
-        rows.append(pooled.half().float().cpu())
-    return torch.cat(rows) if rows else torch.zeros(0, 1)
+        for i, row in zip(batch["index"], pooled.half().float().cpu(), strict=True):
+            rows[i] = row
+    return torch.stack(rows) if rows else torch.zeros(0, 1)
 
 
 @torch.no_grad()
@@ -106,37 +115,43 @@ def gate_routes(moe: MoEWhisper, embeddings: torch.Tensor,
 @torch.no_grad()
 def route_utterances(moe: MoEWhisper, processor, utts: Sequence[Utterance], routing: str, *, pooling: str = "mean",
                      layer: str | int = "last", etiologies: Sequence[str] = (), seed: int = 0, batch_size: int = 8,
-                     device: torch.device | None = None,
-                     precision: str = "fp32") -> tuple[list[int], list[float] | None]:
+                     device: torch.device | None = None, precision: str = "fp32",
+                     num_workers: int = 0) -> tuple[list[int], list[float] | None]:
     """(expert, routing weight or None) per utterance; weights are None for full-strength experts."""
     if routing in FIXED_ROUTINGS or moe.num_experts == 1:
         return fixed_experts(utts, routing, moe.num_experts, etiologies, seed), None
     if routing not in ("gate", "gate_speaker"):
         raise ValueError(f"unknown routing {routing!r}; use one of {ROUTINGS}")
     emb = gate_inputs(moe, processor, utts, pooling=pooling, layer=layer, batch_size=batch_size,
-                      device=device or torch.device("cpu"), precision=precision)
+                      device=device or torch.device("cpu"), precision=precision, num_workers=num_workers)
     return gate_routes(moe, emb, [u.speaker for u in utts] if routing == "gate_speaker" else None)
 
 
 @torch.no_grad()
 def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts: Sequence[int],
                   weights: Sequence[float] | None, *, batch_size: int, device: torch.device,
-                  baseline: bool = False, precision: str = "fp32") -> tuple[list[str], list[str] | None]:
+                  baseline: bool = False, precision: str = "fp32",
+                  num_workers: int = 0) -> tuple[list[str], list[str] | None]:
     """Greedy transcripts with each utterance through its expert (and, with baseline, the base model alone)."""
-    hyps: list[str] = []
-    base_hyps: list[str] | None = [] if baseline else None
-    for begin in range(0, len(utts), batch_size):
-        batch = utts[begin:begin + batch_size]
-        audios = [load_audio(u.wav) for u in batch]
-        feats = input_features(processor, audios).to(device)
-        kwargs = generate_kwargs(moe.base, [len(a) for a in audios])
-        w = None if weights is None else torch.tensor(weights[begin:begin + batch_size])
-        with moe.routing(experts[begin:begin + batch_size], w), autocast(precision, device):
+    windows = encoder_windows(moe.base)
+    hyps: list[str] = [""] * len(utts)
+    base_hyps: list[str] | None = [""] * len(utts) if baseline else None
+    done = 0
+    plan = utterance_plan(utts, windows, batch_size, shuffle=False)
+    for loaded in make_loader(utts, processor, plan, windows=windows, num_workers=num_workers):
+        batch = loaded["index"]
+        feats = loaded["input_features"].to(device)
+        kwargs = generate_kwargs(moe.base, loaded["num_samples"])
+        w = None if weights is None else torch.tensor([weights[i] for i in batch])
+        with moe.routing([experts[i] for i in batch], w), autocast(precision, device):
             ids = moe.base.generate(feats, **kwargs)
-        hyps.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
+        for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
+            hyps[i] = text.strip()
         if base_hyps is not None:
             with autocast(precision, device):
                 ids = moe.base.generate(feats, **kwargs)  # routing is off again: the frozen base model
-            base_hyps.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
-        log.info("decoded %d / %d", begin + len(batch), len(utts))
+            for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
+                base_hyps[i] = text.strip()
+        done += len(batch)
+        log.info("decoded %d / %d", done, len(utts))
     return hyps, base_hyps

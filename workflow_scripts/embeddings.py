@@ -25,37 +25,65 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from workflow_scripts.sap_data import Utterance, load_audio, read_utterances
+from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
-from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
-from workflow_scripts.whisper_io import autocast, encoder_layer_index, input_features, pooled_embeddings
+from workflow_scripts.training import (
+    load_base,
+    make_loader,
+    pick_device,
+    prepare_precision,
+    resolve_precision,
+    utterance_plan,
+)
+from workflow_scripts.whisper_io import (
+    autocast,
+    encoder_layer_index,
+    encoder_windows,
+    pooled_embeddings,
+)
+from workflow_scripts.windows import window_ladder
 
 log = logging.getLogger("embeddings")
 
 
+def window_order(utts: list[Utterance], windows: list[float]) -> list[int]:
+    """The order utterances are embedded in: grouped by encoder window, as given within a window (the
+    same for every batch size, so a resumed run can change embeddings.batch_size)."""
+    return [i for batch in utterance_plan(utts, windows, 1, shuffle=False) for i in batch]
+
+
 @torch.no_grad()
 def embed_utterances(model, processor, utts: list[Utterance], *, pooling: str, batch_size: int,
-                     device: torch.device, on_batch=None, start: int = 0, layer: str | int = "last",
-                     precision: str = "fp32") -> np.ndarray:
-    """Pooled encoder embeddings (float32, one row per utterance) from `start` on, taken at `layer`.
+                     device: torch.device, on_batch=None, done: np.ndarray | None = None, layer: str | int = "last",
+                     precision: str = "fp32", num_workers: int = 0) -> np.ndarray:
+    """Pooled encoder embeddings (float32, one row per utterance, in `utts` order) taken at `layer`.
 
-    `on_batch(end, rows)` is called after each batch with the rows computed so far (for checkpoints).
+    Utterances run in window_order, each batch at one encoder window. `on_batch(rows)` is called after
+    each batch with the rows so far in that order (for checkpoints); `done` holds the first rows of an
+    interrupted run, which are not computed again.
     """
-    rows: list[np.ndarray] = []
-    for begin in tqdm(range(start, len(utts), batch_size), desc="embeddings", mininterval=10):
-        batch = utts[begin:begin + batch_size]
-        audios = [load_audio(u.wav) for u in batch]
-        feats = input_features(processor, audios).to(device, model.dtype)
+    windows = encoder_windows(model)
+    order = window_order(utts, windows)
+    rows: list[np.ndarray] = [done.astype(np.float32)] if done is not None and len(done) else []
+    left = [utts[i] for i in order[len(done) if done is not None else 0:]]
+    loader = make_loader(left, processor, utterance_plan(left, windows, batch_size, shuffle=False), windows=windows,
+                         num_workers=num_workers)
+    for batch in tqdm(loader, desc="embeddings", mininterval=10):
+        feats = batch["input_features"].to(device, model.dtype)
         with autocast(precision, device):
-            pooled = pooled_embeddings(model, feats, [len(a) for a in audios], pooling=pooling, layer=layer)
+            pooled = pooled_embeddings(model, feats, batch["num_samples"], pooling=pooling, layer=layer)
         rows.append(pooled.float().cpu().numpy())
         if on_batch is not None:
-            on_batch(begin + len(batch), rows)
-    dim = rows[0].shape[1] if rows else 0
-    return np.concatenate(rows) if rows else np.zeros((0, dim), np.float32)
+            on_batch(rows)
+    if not rows:
+        return np.zeros((0, 0), np.float32)
+    matrix = np.concatenate(rows)
+    out = np.empty_like(matrix)
+    out[order] = matrix
+    return out
 
 
-def _fingerprint(utts: list[Utterance], base_model: str, pooling: str, layer: str | int, window: float) -> str:
+def _fingerprint(utts: list[Utterance], base_model: str, pooling: str, layer: str | int, window: list[float]) -> str:
     """Identifies the job, so a partial result is reused only for the very same work."""
     h = hashlib.sha256(json.dumps([base_model, pooling, layer, window, [u.id for u in utts]]).encode())
     return h.hexdigest()[:16]
@@ -92,7 +120,8 @@ class PartialStore:
         self.last_saved = len(rows)
 
 
-def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Path, settings: dict) -> int:
+def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Path, settings: dict,
+            num_workers: int = 0) -> int:
     utts = read_utterances(utterances_path)
     cfg = settings["embeddings"]
     device = pick_device()
@@ -102,21 +131,18 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
     precision = resolve_precision(settings.get("precision", "auto"), device)
     prepare_precision(model, precision, device)
 
-    fingerprint = _fingerprint(utts, base_model, cfg["pooling"], cfg["layer"], settings["encoder_window_s"])
+    ladder = window_ladder(settings["encoder_window_s"])
+    fingerprint = _fingerprint(utts, base_model, cfg["pooling"], cfg["layer"], ladder)
     store = PartialStore(work_dir, fingerprint, cfg["checkpoint_every"])
-    done = store.load()
-    start = 0 if done is None else len(done)
 
-    def checkpoint(end: int, rows: list[np.ndarray]) -> None:
+    def checkpoint(rows: list[np.ndarray]) -> None:
+        end = sum(len(r) for r in rows)
         if end - store.last_saved >= store.every and end < len(utts):
-            new = np.concatenate(rows)
-            store.save(new if done is None else np.concatenate([done.astype(np.float32), new]))
+            store.save(np.concatenate(rows))
 
-    new_rows = embed_utterances(model, processor, utts, pooling=cfg["pooling"], batch_size=cfg["batch_size"],
-                                device=device, on_batch=checkpoint, start=start, layer=cfg["layer"],
-                                precision=precision)
-    parts = [done.astype(np.float32)] if done is not None else []
-    matrix = np.concatenate(parts + [new_rows]).astype(np.float16)
+    matrix = embed_utterances(model, processor, utts, pooling=cfg["pooling"], batch_size=cfg["batch_size"],
+                              device=device, on_batch=checkpoint, done=store.load(), layer=cfg["layer"],
+                              precision=precision, num_workers=num_workers).astype(np.float16)
     if not np.isfinite(matrix).all():
         raise FloatingPointError("non-finite embedding values (float16 overflow?); check the base model")
 
@@ -128,7 +154,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
         "base_model": base_model,
         "pooling": cfg["pooling"],
         "layer": cfg["layer"],
-        "encoder_window_s": settings["encoder_window_s"],
+        "encoder_window_s": ladder,
         "precision": precision,
         "dim": int(matrix.shape[1]),
         "dtype": "float16",
@@ -149,11 +175,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--work-dir", type=Path, required=True, help="partial results for resume")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=0, help="audio decoding processes (training.num_workers)")
     parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    extract(args.utterances, args.base_model, args.out_dir, args.work_dir, parse_settings_arg(args.settings))
+    extract(args.utterances, args.base_model, args.out_dir, args.work_dir, parse_settings_arg(args.settings),
+            num_workers=args.num_workers)
 
 
 if __name__ == "__main__":

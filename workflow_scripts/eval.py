@@ -64,7 +64,8 @@ def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[s
 
 
 def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts: list[int], hyps: list[str],
-                     routes: tuple[list[int], list[float]], cfg: dict, device, precision: str) -> dict:
+                     routes: tuple[list[int], list[float]], cfg: dict, device, precision: str,
+                     num_workers: int = 0) -> dict:
     """Scores with each speaker's utterances all sent to the expert of the gate's mean probabilities.
 
     Greedy decoding through the same expert gives the same text, so only the utterances whose expert
@@ -74,7 +75,7 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
     changed = [i for i, (a, b) in enumerate(zip(experts, spk_experts, strict=True)) if a != b]
     redone, _ = decode_routed(moe, processor, [utts[i] for i in changed], [spk_experts[i] for i in changed],
                               [spk_weights[i] for i in changed], batch_size=cfg["batch_size"], device=device,
-                              precision=precision)
+                              precision=precision, num_workers=num_workers)
     spk_hyps = list(hyps)
     for i, hyp in zip(changed, redone, strict=True):
         spk_hyps[i] = hyp
@@ -87,8 +88,9 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
 
 
 def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, settings: dict,
-             routing: str | None = None) -> dict:
-    """Decode with each utterance's expert, routed as in training (or by `routing`, e.g. gate_speaker)."""
+             routing: str | None = None, num_workers: int = 0) -> dict:
+    """Decode with each utterance's expert, routed as in training (or by `routing`, e.g. gate_speaker);
+    audio decoded in `num_workers` DataLoader workers."""
     record = json.loads((model_dir / "training.json").read_text())
     if Path(record["base_model"]) != Path(base_model):
         raise ValueError(f"{model_dir} was trained on {record['base_model']} but eval was given {base_model}; "
@@ -105,21 +107,22 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
     speaker_routes = None
     if routing == "gate" and moe.num_experts > 1:
         emb = gate_inputs(moe, processor, utts, pooling=record["pooling"], layer=record["layer"],
-                          batch_size=cfg["batch_size"], device=device, precision=precision)
+                          batch_size=cfg["batch_size"], device=device, precision=precision, num_workers=num_workers)
         experts, weights = gate_routes(moe, emb)
         speaker_routes = gate_routes(moe, emb, [u.speaker for u in utts])
     else:
         experts, weights = route_utterances(moe, processor, utts, routing, pooling=record["pooling"],
                                             layer=record["layer"], etiologies=record["etiologies"],
                                             seed=record["seed"], batch_size=cfg["batch_size"], device=device,
-                                            precision=precision)
+                                            precision=precision, num_workers=num_workers)
     hyps, base_hyps = decode_routed(moe, processor, utts, experts, weights, batch_size=cfg["batch_size"],
-                                    device=device, baseline=cfg["baseline"], precision=precision)
+                                    device=device, baseline=cfg["baseline"], precision=precision,
+                                    num_workers=num_workers)
     extra = {"num_experts": moe.num_experts, "routing": routing, "base_model": base_model,
              "encoder_window_s": record["encoder_window_s"], "precision": precision}
     if speaker_routes is not None:
         extra["speaker_routing"] = _speaker_routing(moe, processor, utts, experts, hyps, speaker_routes, cfg, device,
-                                                    precision)
+                                                    precision, num_workers)
     extra["decode_seconds"] = round(time.perf_counter() - start, 2)
     if base_hyps is not None:
         # The frozen base model on the same utterances and window: what the experts gained per etiology.
@@ -139,13 +142,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--base-model", required=True)
     parser.add_argument("--out-dir", type=Path, required=True)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-workers", type=int, default=0, help="audio decoding processes (training.num_workers)")
     parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
     parser.add_argument("--routing", choices=ROUTINGS, help="route differently from training (default: as trained)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     evaluate(args.model, args.utterances, args.base_model, args.out_dir, parse_settings_arg(args.settings),
-             routing=args.routing)
+             routing=args.routing, num_workers=args.num_workers)
 
 
 if __name__ == "__main__":

@@ -38,14 +38,15 @@ from workflow_scripts.training import (
     resolve_precision,
     resume_identity,
     seed_everything,
+    utterance_plan,
 )
-from workflow_scripts.whisper_io import autocast
+from workflow_scripts.whisper_io import autocast, encoder_windows
 
 log = logging.getLogger("experts")
 
 
 def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path, gating: Path, base_model: str,
-           out: Path, settings: dict) -> dict:
+           out: Path, settings: dict, num_workers: int = 0) -> dict:
     """Expert of every expert-sample and validation utterance: cached cluster label, else the gate."""
     mapping = json.loads((embeddings_dir / "mapping.json").read_text())
     labels = np.load(labels_path)
@@ -73,7 +74,7 @@ def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path,
         prepare_precision(model, precision, device)
         matrix = embed_utterances(model, processor, missing, pooling=extra["pooling"],
                                   layer=extra.get("layer", "last"), batch_size=settings["embeddings"]["batch_size"],
-                                  device=device, precision=precision)
+                                  device=device, precision=precision, num_workers=num_workers)
         with torch.no_grad():
             routed = gate(torch.from_numpy(matrix)).argmax(1).tolist()
         for u, k in zip(missing, routed, strict=True):
@@ -140,19 +141,20 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
         publish_best(work_dir / "best", out, metrics)
         return metrics
     cfg = settings["experts"]
-    val_loader = make_loader(val_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                             shuffle=False)
-
-    def epoch_loader(epoch: int, skip: int, limit: int):
-        return make_loader(train_utts, processor, batch_size=cfg["batch_size"], num_workers=tcfg["num_workers"],
-                           shuffle=True, seed=settings["seed"] * 1000 + epoch, skip_batches=skip, limit=limit)
+    windows = encoder_windows(model)
+    val_loader = make_loader(val_utts, processor, utterance_plan(val_utts, windows, cfg["batch_size"], shuffle=False),
+                             windows=windows, num_workers=tcfg["num_workers"])
+    plans = [utterance_plan(train_utts, windows, cfg["batch_size"], shuffle=True, seed=settings["seed"] * 1000 + epoch)
+             for epoch in range(1, cfg["epochs"] + 1)]
 
     identity = resume_identity(settings, utterances=[u.id for u in train_utts] + [u.id for u in val_utts])
     recipe = ExpertRecipe(model, val_loader, device, precision)
     optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=cfg["lr"])
-    loop = fit(recipe, optimizer=optimizer, epoch_loader=epoch_loader, epoch_sizes=[len(train_utts)] * cfg["epochs"],
-               batch_size=cfg["batch_size"], tcfg=tcfg, work_dir=work_dir, identity=identity, select_by="loss",
-               precision=precision, batch_size_key="experts.batch_size", name=f"expert {expert}")
+    loop = fit(recipe, optimizer=optimizer, plans=plans, batch_size=cfg["batch_size"],
+               loader=lambda plan: make_loader(train_utts, processor, plan, windows=windows,
+                                               num_workers=tcfg["num_workers"], seed=settings["seed"]),
+               tcfg=tcfg, work_dir=work_dir, identity=identity, select_by="loss", precision=precision,
+               batch_size_key="experts.batch_size", name=f"expert {expert}")
     best = next((h for h in loop["history"] if h["epoch"] == loop["best_epoch"]), None)
     metrics.update(history=loop["history"], best_val_loss=best["val_loss"] if best else None,
                    utterance_passes=loop["utterance_passes"], train_seconds=loop["train_seconds"],
@@ -213,6 +215,7 @@ def main(argv: list[str] | None = None) -> None:
         p.add_argument(flag, type=Path, required=True)
     p.add_argument("--base-model", required=True)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--num-workers", type=int, default=0, help="audio decoding processes (training.num_workers)")
     p.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
     t = sub.add_parser("train", help="fine-tune one expert")
     t.add_argument("--expert", type=int, required=True)
@@ -234,7 +237,7 @@ def main(argv: list[str] | None = None) -> None:
     settings = parse_settings_arg(args.settings)
     if args.command == "assign":
         assign(args.utterances, args.val, args.embeddings_dir, args.labels, args.gating, args.base_model, args.out,
-               settings)
+               settings, num_workers=args.num_workers)
     else:
         train_expert(args.expert, args.assignment, args.base_model, args.out, args.work_dir, settings)
 

@@ -42,7 +42,8 @@ def _reusable_rows(embeddings_dir: Path | None, spec: dict) -> tuple[dict, np.nd
 
 
 def gate_features(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, spec: dict, batch_size: int,
-                  device: torch.device, cache_dir: Path, embeddings_dir: Path | None = None) -> torch.Tensor:
+                  device: torch.device, cache_dir: Path, embeddings_dir: Path | None = None,
+                  num_workers: int = 0) -> torch.Tensor:
     """(N, d) float32 gate inputs in `utts` order (float16 values, as every other route source has).
 
     spec: base_model, encoder_window_s, pooling, layer, precision (resolved), which fix the rows.
@@ -56,7 +57,8 @@ def gate_features(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, spec
     reused = {i: rows[known[u.id]["row"]] for i, u in enumerate(utts) if rows is not None and u.id in known}
     missing = [i for i in range(len(utts)) if i not in reused]
     fresh = gate_inputs(moe, processor, [utts[i] for i in missing], pooling=spec["pooling"], layer=spec["layer"],
-                        batch_size=batch_size, device=device, precision=spec["precision"]).numpy()
+                        batch_size=batch_size, device=device, precision=spec["precision"],
+                        num_workers=num_workers).numpy()
     width = fresh.shape[1] if missing else len(next(iter(reused.values())))
     matrix = np.zeros((len(utts), width), np.float16)
     for i, row in reused.items():

@@ -26,6 +26,7 @@ import torch.nn.functional as F
 from workflow_scripts.moe import GateMLP, save_gate
 from workflow_scripts.sampling import speaker_disjoint_split
 from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.windows import window_ladder
 
 log = logging.getLogger("gating")
 
@@ -123,7 +124,7 @@ def train(embeddings_dir: Path, labels_path: Path, out: Path, metrics_out: Path,
     return metrics
 
 
-def check_gate_record(extra: dict, *, base_model: str, encoder_window_s: float, pooling: str | None = None,
+def check_gate_record(extra: dict, *, base_model: str, encoder_window_s, pooling: str | None = None,
                       layer: str | int | None = None, path: str | os.PathLike) -> None:
     """Raise ValueError unless the gate at `path` was trained on embeddings made the way the caller embeds.
 
@@ -138,8 +139,8 @@ def check_gate_record(extra: dict, *, base_model: str, encoder_window_s: float, 
         have = recorded[key]
         if want is None or have is None:
             continue
-        # The window comes from YAML or JSON: 10 and 10.0 are the same setting.
-        same = float(have) == float(want) if key == "encoder_window_s" else have == want
+        # Windows compare as ladders: 10 and 10.0 (YAML or JSON), or 10 and [10, 30], are the same setting.
+        same = window_ladder(have) == window_ladder(want) if key == "encoder_window_s" else have == want
         if not same:
             raise ValueError(f"{path}: the gate was trained on embeddings with {key}={have!r}, but this stage "
                              f"uses {key}={want!r}; rerun the gating stage (and the stages before it) with the "

@@ -217,8 +217,8 @@ def read_split(
 ) -> list[Utterance]:
     """Read every usable utterance of ``<root>/<split>``, sorted by id; count the rest in ``report``.
 
-    ``max_duration_s`` should be the Whisper encoder window: longer clips are skipped (``too_long``)
-    rather than silently truncated.
+    Clips longer than ``max_duration_s`` (Whisper's 30 s window) are skipped (``too_long``) rather than
+    silently truncated.
     """
     root = Path(root).resolve()
     split_dir = _split_dir(root, split)

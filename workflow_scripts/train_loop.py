@@ -1,10 +1,11 @@
 """The one training loop of expert pretraining and joint training.
 
 Each stage brings a Recipe (its losses, validation and checkpoint format); the loop owns what must
-not drift between them: gradient accumulation (the last, shorter group of an epoch weighted by its
-own size), clipping and linear warm-up from `training`, the scheduler, mixed-precision scaling,
-skipped non-finite steps, resume checkpoints (weights, optimizer, scheduler, scaler, RNG, position),
-periodic and best checkpoints, early stopping, a progress line and per-step metrics.
+not drift between them: gradient accumulation (each batch weighted by its share of the group's
+utterances, since length-bucketed batches differ in size), clipping and linear warm-up from
+`training`, the scheduler, mixed-precision scaling, skipped non-finite steps, resume checkpoints
+(weights, optimizer, scheduler, scaler, RNG, position), periodic and best checkpoints, early
+stopping, a progress line and per-step metrics.
 
 Per-step metrics go to <work_dir>/metrics.jsonl, one JSON object per `training.log_every_steps`
 optimizer steps: step, epoch, learning rate, gradient norm, the recipe's loss parts, expert usage
@@ -18,7 +19,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Protocol
 
@@ -59,24 +60,32 @@ def improved(entry: dict, best: tuple, select_by: str) -> tuple | None:
     return key if key < best else None
 
 
-def _group_size(i: int, accum: int, n_batches: int) -> int:
-    """Micro-batches in the accumulation group of batch i: `accum`, or fewer in an epoch's last group."""
-    return min(accum, n_batches - (i // accum) * accum)
+def batch_weights(plan: list[list[int]], accum: int) -> list[float]:
+    """Loss weight of each batch of an epoch's plan: its share of the utterances in its accumulation group.
+
+    Batches differ in size (one partial batch per encoder window, a short last group), so weighting each
+    batch's mean loss by its utterances makes a step's gradient the mean over the group's utterances.
+    """
+    weights = []
+    for start in range(0, len(plan), accum):
+        group = plan[start:start + accum]
+        total = sum(len(b) for b in group)
+        weights += [len(b) / total for b in group]
+    return weights
 
 
-def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, epoch_loader: Callable[[int, int, int], object],
-        epoch_sizes: list[int], batch_size: int, tcfg: dict, work_dir: Path, identity: dict, select_by: str,
-        precision: str, batch_size_key: str, name: str) -> dict:
+def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[list[int]]],
+        loader: Callable[[list[list[int]]], Iterable[dict]], batch_size: int, tcfg: dict, work_dir: Path,
+        identity: dict, select_by: str, precision: str, batch_size_key: str, name: str) -> dict:
     """Train until the epochs (or utterance passes) are done or patience runs out.
 
-    epoch_loader(epoch, skip_batches, limit) gives an epoch's batches in a seeded order, the first
-    skip_batches left out (resume) and only `limit` utterances. Returns the loop's record: history
+    plans: each epoch's batches (training.utterance_plan, seeded); loader(plan) yields them as model
+    inputs, so a resumed epoch loads only the batches it has left. Returns the loop's record: history
     (one entry per epoch), best_epoch, utterance_passes, train_seconds, skipped_steps.
     """
     accum = tcfg["gradient_accumulation_steps"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
-    batches_in = [math.ceil(size / batch_size) for size in epoch_sizes]
-    total_steps = sum(math.ceil(b / accum) for b in batches_in)
+    total_steps = sum(math.ceil(len(plan) / accum) for plan in plans)
     scheduler = get_linear_schedule_with_warmup(optimizer, int(tcfg["warmup_ratio"] * total_steps), total_steps)
     device = params[0].device
     # fp16 gradients underflow without loss scaling; bf16 has the range of fp32 and needs none.
@@ -115,18 +124,19 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, epoch_loader: Calla
             f.write(json.dumps(entry) + "\n")
         interval, interval_start, interval_utts, micro, interval_steps = {}, time.perf_counter(), 0, 0, 0
 
-    while st["epoch"] <= len(epoch_sizes) and not st["stopped"]:
-        epoch, skip, n_batches = st["epoch"], st["batch_in_epoch"], batches_in[st["epoch"] - 1]
-        bar = tqdm(total=n_batches, initial=skip, desc=f"{name} epoch {epoch}/{len(epoch_sizes)}", unit="batch",
+    while st["epoch"] <= len(plans) and not st["stopped"]:
+        epoch, skip, plan = st["epoch"], st["batch_in_epoch"], plans[st["epoch"] - 1]
+        n_batches, weights = len(plan), batch_weights(plan, accum)
+        bar = tqdm(total=n_batches, initial=skip, desc=f"{name} epoch {epoch}/{len(plans)}", unit="batch",
                    mininterval=30, file=sys.stderr)
         sums: dict[str, Tensor] = {}
         seen, windows, bad = 0, 0, torch.zeros((), dtype=torch.bool, device=device)
-        for i, batch in enumerate(epoch_loader(epoch, skip, epoch_sizes[epoch - 1]), start=skip):
+        for i, batch in enumerate(loader(plan[skip:]), start=skip):
             try:
                 out = recipe.batch_losses(batch)
                 loss = out["loss"]
                 bad |= ~torch.isfinite(loss.detach())
-                scaler.scale(loss / _group_size(i, accum, n_batches)).backward()
+                scaler.scale(loss * weights[i]).backward()
             except torch.OutOfMemoryError as err:
                 raise RuntimeError(
                     f"{name}: out of accelerator memory at {batch_size_key}={batch_size} with "
@@ -187,7 +197,7 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, epoch_loader: Calla
                 entry["train_expert_usage"] = value.long().tolist()
             else:
                 entry[f"train_{key}"] = value.item() / max(windows if key.startswith("window_") else seen, 1)
-        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == len(epoch_sizes):
+        if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == len(plans):
             entry.update(recipe.validate())
             key = improved(entry, st["best"], select_by)
             if key is not None:

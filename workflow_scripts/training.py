@@ -19,11 +19,12 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from workflow_scripts.base_model import POSITIONS_PER_SECOND, load_whisper, set_encoder_window
+from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import Utterance, load_audio
 from workflow_scripts.scoring import training_text
 from workflow_scripts.settings import write_json_atomic
-from workflow_scripts.whisper_io import HALF_DTYPES, PRECISIONS, input_features, label_ids
+from workflow_scripts.whisper_io import HALF_DTYPES, PRECISIONS, input_features, label_ids, use_encoder_windows
+from workflow_scripts.windows import batch_plan, clip_samples, window_ladder
 
 log = logging.getLogger("training")
 
@@ -38,15 +39,10 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def load_base(base_model: str, encoder_window_s: float):
-    """Model + processor with the run's encoder window, capped at the model's own window."""
+def load_base(base_model: str, encoder_window_s):
+    """Model + processor running the run's ladder of encoder windows (`encoder_window_s`, see windows.py)."""
     model, processor = load_whisper(base_model)
-    native = model.config.max_source_positions / POSITIONS_PER_SECOND
-    if encoder_window_s < native:
-        set_encoder_window(model, processor, encoder_window_s)
-    elif encoder_window_s > native:
-        log.warning("encoder_window_s=%g exceeds the model's %g s window; using %g s", encoder_window_s, native,
-                    native)
+    use_encoder_windows(model, window_ladder(encoder_window_s))
     return model, processor
 
 
@@ -67,38 +63,41 @@ class AudioDataset(Dataset):
 class Collate:
     """Turns (audio, text, index) items into model inputs; a class so DataLoader workers can pickle it."""
 
-    def __init__(self, processor):
-        self.processor = processor
+    def __init__(self, processor, windows: Sequence[float]):
+        self.processor, self.windows = processor, list(windows)
 
     def __call__(self, items) -> dict:
         audios, texts, idx = zip(*items, strict=True)
         return {
-            "input_features": input_features(self.processor, audios),
+            "input_features": input_features(self.processor, audios, self.windows),
             "labels": label_ids(self.processor, texts),
             "num_samples": [len(a) for a in audios],
             "index": list(idx),
         }
 
 
-def make_loader(utts: Sequence[Utterance], processor, *, batch_size: int, num_workers: int,
-                shuffle: bool, seed: int = 0, skip_batches: int = 0, limit: int | None = None) -> DataLoader:
-    """Batches in a seeded order; `skip_batches` drops the ones a resumed run has already trained on.
+def utterance_plan(utts: Sequence[Utterance], windows: Sequence[float], batch_size: int, *, shuffle: bool,
+                   seed: int = 0, limit: int | None = None) -> list[list[int]]:
+    """Batches of `utts` indices, one encoder window per batch (windows.batch_plan), from header durations:
+    no audio is decoded to plan an epoch."""
+    return batch_plan([clip_samples(u.duration_s) for u in utts], windows, batch_size, shuffle=shuffle, seed=seed,
+                      limit=limit)
 
-    The order depends only on the seed, so a resumed epoch sees exactly the batches the interrupted
-    one had left, without decoding the audio of the skipped ones. `limit` keeps only the first
-    utterances of that order (the last, partial epoch of a training budget in utterance passes).
+
+def make_loader(utts: Sequence[Utterance], processor, plan: Sequence[Sequence[int]], *, windows: Sequence[float],
+                num_workers: int, seed: int = 0) -> DataLoader:
+    """The batches of `plan` (utterance_plan), audio decoded in `num_workers` workers into pinned memory
+    (workers kept between passes over a loader that is reused, such as validation's).
+
+    A resumed epoch passes the plan without the batches already trained: the plan depends only on its
+    seed, so the run sees exactly the batches the interrupted one had left, without decoding the
+    audio of the skipped ones.
     """
-    order = torch.arange(len(utts))
-    if shuffle:
-        order = torch.randperm(len(utts), generator=torch.Generator().manual_seed(seed))
-    order = order[:limit]
     # Its own generator: DataLoader otherwise draws worker seeds from the global RNG, which would
     # shift dropout after a resume.
-    return DataLoader(AudioDataset(utts), batch_size=batch_size, sampler=order[skip_batches * batch_size:].tolist(),
-                      num_workers=num_workers, collate_fn=Collate(processor),
-                      generator=torch.Generator().manual_seed(seed))
-
-
+    return DataLoader(AudioDataset(utts), batch_sampler=[list(b) for b in plan], num_workers=num_workers,
+                      collate_fn=Collate(processor, windows), pin_memory=torch.cuda.is_available(),
+                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
 def resolve_precision(setting: str, device: torch.device) -> str:

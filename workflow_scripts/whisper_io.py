@@ -1,7 +1,8 @@
 """Whisper input/output helpers shared by every stage: features, pooled embeddings, labels, decoding.
 
-The encoder window is a model property (`config.max_source_positions`, 50 positions per second),
-set once by `base_model.load_whisper(..., encoder_window_s)`; nothing here assumes 30 s / 3000 frames.
+Encoder windows (workflow_scripts/windows.py): `use_encoder_windows` lets the encoder take any window
+of its ladder, its positional embeddings sliced to the input's length; `input_features` pads a batch
+to the smallest window that holds its longest clip. Nothing here assumes 30 s / 3000 frames.
 """
 
 from __future__ import annotations
@@ -13,6 +14,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
+
+from workflow_scripts.windows import POSITIONS_PER_SECOND, batch_plan, fit_ladder, window_index
 
 SAMPLE_RATE = 16000
 SAMPLES_PER_ENCODER_FRAME = 320  # mel hop 160 samples, then the stride-2 conv2
@@ -35,23 +38,58 @@ def autocast(precision: str, device: torch.device):
 
 
 def window_seconds(model: WhisperForConditionalGeneration) -> float:
-    """Audio seconds the encoder takes (30 for stock Whisper, less after a shortened window)."""
+    """The model's own (largest) window in seconds: 30 for stock Whisper."""
     return model.config.max_source_positions * SAMPLES_PER_ENCODER_FRAME / SAMPLE_RATE
 
 
-def input_features(processor: WhisperProcessor, audios: Sequence[np.ndarray]) -> torch.Tensor:
-    """Log-mel features (B, n_mels, frames), zero-padded to the processor's window.
+def use_encoder_windows(model: WhisperForConditionalGeneration, ladder: Sequence[float]) -> list[float]:
+    """Let the encoder run on any window of `ladder` (seconds, capped at the model's own window).
 
-    Clips longer than the window raise: callers skip and count them, never silently truncate.
+    `transformers` insists on exactly 2 x max_source_positions input frames and adds every row of the
+    positional embedding. For the length of one forward pass, both are set to the input's window, so
+    the encoder uses the first rows of its positions (as icefall and wenet do); afterwards the config
+    is the model's own again, which `generate()` needs to treat the input as one short-form segment.
+    Returns the ladder in use, also kept as `model.config.encoder_windows_s`.
+    """
+    encoder = model.get_encoder()
+    native = encoder.embed_positions.num_embeddings
+    ladder = fit_ladder(ladder, native / POSITIONS_PER_SECOND)
+    config = model.config
+    config.encoder_windows_s = ladder
+    if getattr(encoder, "_window_hooks", None) is None:
+        def enter(module, args, kwargs):
+            features = args[0] if args else kwargs["input_features"]
+            positions = features.shape[-1] // 2
+            if positions > native:
+                raise ValueError(f"encoder input of {positions / POSITIONS_PER_SECOND:g} s exceeds the model's "
+                                 f"{native / POSITIONS_PER_SECOND:g} s window")
+            module.config.max_source_positions = module.embed_positions.num_embeddings = positions
+
+        def leave(module, args, kwargs, output):
+            module.config.max_source_positions = module.embed_positions.num_embeddings = native
+
+        encoder._window_hooks = (encoder.register_forward_pre_hook(enter, with_kwargs=True),
+                                 encoder.register_forward_hook(leave, with_kwargs=True, always_call=True))
+    return ladder
+
+
+def encoder_windows(model: WhisperForConditionalGeneration) -> list[float]:
+    """The windows this model runs (use_encoder_windows), or only its own window."""
+    return list(getattr(model.config, "encoder_windows_s", None) or [window_seconds(model)])
+
+
+def input_features(processor: WhisperProcessor, audios: Sequence[np.ndarray],
+                   windows: Sequence[float] | None = None) -> torch.Tensor:
+    """Log-mel features (B, n_mels, frames), zero-padded to the smallest of `windows` (seconds) that
+    holds the longest clip; without `windows`, to the processor's own window.
+
+    Clips longer than every window raise: callers skip and count them, never silently truncate.
     """
     extractor = processor.feature_extractor
-    for i, audio in enumerate(audios):
-        if len(audio) > extractor.n_samples:
-            raise ValueError(f"audio #{i} lasts {len(audio) / SAMPLE_RATE:.2f} s, longer than the "
-                             f"{extractor.n_samples / SAMPLE_RATE:g} s encoder window; skip such clips "
-                             "upstream or raise encoder_window_s")
+    ladder = list(windows) if windows else [extractor.n_samples / SAMPLE_RATE]
+    window = ladder[window_index(max(len(a) for a in audios), ladder)]
     feats = extractor([np.asarray(a, dtype=np.float32) for a in audios], sampling_rate=SAMPLE_RATE,
-                      padding="max_length", return_tensors="pt").input_features
+                      padding="max_length", max_length=round(window * SAMPLE_RATE), return_tensors="pt").input_features
     return feats
 
 
@@ -164,14 +202,16 @@ def generate_kwargs(model: WhisperForConditionalGeneration, num_samples: int | S
 
 def transcribe(model: WhisperForConditionalGeneration, processor: WhisperProcessor,
                audios: Sequence[np.ndarray], batch_size: int = 8, precision: str = "fp32") -> list[str]:
-    """Greedy transcripts, batched; each batch pads to the model window."""
+    """Greedy transcripts in the order of `audios`, batched by encoder window (encoder_windows)."""
     param = next(model.parameters())
-    texts: list[str] = []
+    windows = encoder_windows(model)
+    texts: list[str] = [""] * len(audios)
     with torch.inference_mode():
-        for start in range(0, len(audios), batch_size):
-            batch = audios[start:start + batch_size]
-            feats = input_features(processor, batch).to(param.device, param.dtype)
+        for batch in batch_plan([len(a) for a in audios], windows, batch_size, shuffle=False):
+            clips = [audios[i] for i in batch]
+            feats = input_features(processor, clips, windows).to(param.device, param.dtype)
             with autocast(precision, param.device):
-                ids = model.generate(feats, **generate_kwargs(model, [len(a) for a in batch]))
-            texts.extend(t.strip() for t in processor.batch_decode(ids, skip_special_tokens=True))
+                ids = model.generate(feats, **generate_kwargs(model, [len(a) for a in clips]))
+            for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
+                texts[i] = text.strip()
     return texts
