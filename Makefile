@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 CORES ?= 2
 
-.PHONY: setup quick compare test lint dag clean
+.PHONY: setup quick compare test bench lint dag clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,11 @@ compare: setup
 
 test: setup
 	.venv/bin/pytest -q tests
+
+# Speed ratios (bucketed windows, cached gate input, routing, extraction, no-op rerun) on this machine:
+# bench/results.json and bench/results.md. Needs the finished quick run (its tiny.en and no-op rerun).
+bench: quick
+	.venv/bin/python bench/speed.py
 
 lint: setup
 	.venv/bin/ruff check .

@@ -51,6 +51,7 @@ from workflow_scripts.training import (
     seed_everything,
     utterance_plan,
 )
+from workflow_scripts.transcribe import model_card
 from workflow_scripts.whisper_io import autocast, encoder_windows
 from workflow_scripts.windows import window_ladder
 
@@ -286,7 +287,9 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
               "utterance_passes": loop["utterance_passes"], **_pretraining_cost(experts),
               "train_seconds": loop["train_seconds"], "trainable_params": count_trainable(moe), "history": history,
               "settings": settings}
-    publish_best(loop["best_dir"], out, record, processor, extra_files=[loop["metrics_path"]])
+    card = work_dir / "README.md"
+    card.write_text(model_card(record))
+    publish_best(loop["best_dir"], out, record, processor, extra_files=[loop["metrics_path"], card])
     return record
 
 

@@ -1,0 +1,229 @@
+"""Speed ratios of the training and inference paths, measured in one run on this machine (`make bench`).
+
+Each entry times two ways of doing the same work and prints their ratio against the goal:
+- window_speedup: joint-training steps (8 experts) at a fixed 30 s window vs bucketed windows
+  (5/10/20/30 s), on the same clips with an SAP-like length mix (72 % 1.5-5 s, 23 % 5-15 s,
+  5 % 15-30 s). Goal >= 3x on CPU. Its Dev WER cost is read from the demo runs when they exist.
+- gate_pass_saved: a joint step that runs a second, LoRA-free encoder pass for the gate's input
+  (what the research code did) vs one with the cached gate input. Goal >= 1.3x.
+- routing_overhead: an 8-expert routed step vs a 1-LoRA step on the same batch. Goal <= 1.3x.
+- extraction_overhead: the embeddings stage's extraction (wav decoding, features, pooling) vs a bare
+  encoder forward over the same clips at the same windows. Goal <= 1.1x.
+- noop_rerun_s: `snakemake -n` on the finished quick run. Goal < 5 s.
+
+Speed, not accuracy, is measured, so the audio is synthetic (tones and noise) and the model is
+tiny.en (results/_models/tiny.en, built by `make quick`). Results: bench/results.json, bench/results.md.
+
+    .venv/bin/python bench/speed.py [--clips 48] [--batch-size 8] [--repeats 2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import torch
+
+from workflow_scripts.embeddings import embed_utterances
+from workflow_scripts.moe import GateMLP, MoEWhisper
+from workflow_scripts.sap_data import Utterance
+from workflow_scripts.settings import write_json_atomic
+from workflow_scripts.training import load_base
+from workflow_scripts.whisper_io import input_features, label_ids, pooled_embeddings
+from workflow_scripts.windows import SAMPLE_RATE, batch_plan, window_ladder
+
+REPO = Path(__file__).resolve().parent.parent
+MODEL = REPO / "results" / "_models" / "tiny.en"
+BUCKETED, FIXED = window_ladder([5, 10, 20, 30]), window_ladder(30)
+TEXT = "please put the river next to the farmer"
+
+
+def sap_like_clips(n: int, seed: int = 0) -> list[np.ndarray]:
+    """Synthetic clips whose lengths follow SAP's mix: mostly short commands, a few long passages."""
+    rng = np.random.default_rng(seed)
+    short, medium = round(n * 0.72), round(n * 0.23)
+    seconds = np.concatenate([rng.uniform(1.5, 5, short), rng.uniform(5, 15, medium),
+                              rng.uniform(15, 30, n - short - medium)])
+    clips = []
+    for s in rng.permutation(seconds):
+        t = np.arange(round(s * SAMPLE_RATE)) / SAMPLE_RATE
+        tone = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
+        clips.append((tone + 0.01 * rng.standard_normal(len(t))).astype(np.float32))
+    return clips
+
+
+def batches(processor, clips: list[np.ndarray], ladder: list[float], batch_size: int) -> list[dict]:
+    """Model inputs of one epoch over `clips`, made before timing (the DataLoader overlaps this with steps)."""
+    plan = batch_plan([len(c) for c in clips], ladder, batch_size, shuffle=True, seed=0)
+    out = []
+    for batch in plan:
+        audios = [clips[i] for i in batch]
+        out.append({"index": batch, "features": input_features(processor, audios, ladder),
+                    "num_samples": [len(a) for a in audios], "labels": label_ids(processor, [TEXT] * len(batch))})
+    return out
+
+
+def build_moe(num_experts: int, seed: int = 0) -> tuple[MoEWhisper, object]:
+    torch.manual_seed(seed)
+    model, processor = load_base(str(MODEL), BUCKETED)
+    gate = GateMLP(model.config.d_model, num_experts) if num_experts > 1 else None
+    moe = MoEWhisper(model, num_experts, r=16, alpha=32, gate=gate, weighting="straight_through").train()
+    return moe, processor
+
+
+def gate_rows(moe: MoEWhisper, batch: dict) -> torch.Tensor:
+    """The gate's input by a second, LoRA-free encoder pass (routing is off outside moe.routing())."""
+    with torch.no_grad():
+        return pooled_embeddings(moe.base, batch["features"], batch["num_samples"])
+
+
+def timed_epoch(moe: MoEWhisper, data: list[dict], *, second_pass: bool, repeats: int) -> float:
+    """Seconds per epoch (best of `repeats`, after one warm-up batch): forward, backward, optimizer step."""
+    optimizer = torch.optim.AdamW([p for p in moe.parameters() if p.requires_grad], lr=1e-5)
+    cached = {id(b): gate_rows(moe, b) for b in data} if moe.gate is not None else {}
+
+    def step(batch: dict) -> None:
+        if moe.gate is None:
+            out = moe(batch["features"], batch["labels"], expert_idx=torch.zeros(len(batch["index"]), dtype=torch.long))
+        else:
+            rows = gate_rows(moe, batch) if second_pass else cached[id(batch)]
+            out = moe(batch["features"], batch["labels"], rows)
+        out["loss"].backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    step(data[0])
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        for batch in data:
+            step(batch)
+        best = min(best, time.perf_counter() - start)
+    return best
+
+
+def demo_wer_cost() -> dict:
+    """Dev WER of the demo run at bucketed windows and at a fixed 30 s window, if both were run."""
+    wers = {}
+    for run in ("demo_bucketed", "demo_window30"):
+        path = REPO / "results" / run / "eval" / "metrics.json"
+        if path.is_file():
+            wers[run] = json.loads(path.read_text())["overall"]["wer"]
+    if len(wers) < 2:
+        return {"dev_wer": wers or None, "note": "run `snakemake --profile profiles/cpu "
+                "results/demo_bucketed/eval/metrics.json results/demo_window30/eval/metrics.json` (about an hour "
+                "each on CPU) to record the WER cost (goal: at most 2 % relative)"}
+    return {"dev_wer": wers, "relative_wer_cost": round(wers["demo_bucketed"] / wers["demo_window30"] - 1, 4)}
+
+
+def entry(what: str, a_name: str, a: float, b_name: str, b: float, goal: str, met: bool, **extra) -> dict:
+    return {"what": what, a_name: round(a, 3), b_name: round(b, 3), "ratio": round(a / b, 3), "goal": goal,
+            "met": bool(met), **extra}
+
+
+def window_speedup(clips, batch_size, repeats) -> dict:
+    moe, processor = build_moe(8)
+    fixed = timed_epoch(moe, batches(processor, clips, FIXED, batch_size), second_pass=False, repeats=repeats)
+    bucketed = timed_epoch(moe, batches(processor, clips, BUCKETED, batch_size), second_pass=False, repeats=repeats)
+    ratio = fixed / bucketed
+    return entry(f"joint-training epoch of {len(clips)} SAP-like clips, 8 experts: fixed 30 s / bucketed windows",
+                 "fixed_30s_s", fixed, "bucketed_s", bucketed, ">= 3", ratio >= 3, **demo_wer_cost())
+
+
+def gate_pass_saved(clips, batch_size, repeats) -> dict:
+    moe, processor = build_moe(8)
+    data = batches(processor, clips, BUCKETED, batch_size)
+    double = timed_epoch(moe, data, second_pass=True, repeats=repeats)
+    single = timed_epoch(moe, data, second_pass=False, repeats=repeats)
+    return entry("joint-training epoch: second encoder pass for the gate / cached gate input",
+                 "second_pass_s", double, "cached_s", single, ">= 1.3", double / single >= 1.3)
+
+
+def routing_overhead(clips, batch_size, repeats) -> dict:
+    routed_moe, processor = build_moe(8)
+    data = batches(processor, clips, BUCKETED, batch_size)
+    routed = timed_epoch(routed_moe, data, second_pass=False, repeats=repeats)
+    single = timed_epoch(build_moe(1)[0], data, second_pass=False, repeats=repeats)
+    return entry("training epoch: 8 routed LoRA experts / one LoRA (same rank, same batches)",
+                 "routed_8_s", routed, "one_lora_s", single, "<= 1.3", routed / single <= 1.3)
+
+
+@torch.no_grad()
+def extraction_overhead(clips, batch_size, repeats) -> dict:
+    model, processor = load_base(str(MODEL), BUCKETED)
+    model.eval()
+    with tempfile.TemporaryDirectory() as tmp:
+        utts = []
+        for i, clip in enumerate(clips):
+            wav = Path(tmp) / f"clip_{i}.wav"
+            sf.write(wav, clip, SAMPLE_RATE)
+            utts.append(Utterance(f"clip_{i}", "s", "ALS", str(wav), TEXT, "", "Train", len(clip) / SAMPLE_RATE))
+        cpu = torch.device("cpu")
+        data = [b["features"] for b in batches(processor, clips, BUCKETED, batch_size)]
+        encoder = model.get_encoder()
+        encoder(data[0])
+        stage, bare = float("inf"), float("inf")
+        for _ in range(repeats):
+            start = time.perf_counter()
+            embed_utterances(model, processor, utts, pooling="mean", batch_size=batch_size, device=cpu)
+            stage = min(stage, time.perf_counter() - start)
+            start = time.perf_counter()
+            for feats in data:
+                encoder(feats)
+            bare = min(bare, time.perf_counter() - start)
+    return entry("embeddings stage (wav decoding, features, pooling) / bare encoder forward, same clips and windows",
+                 "stage_s", stage, "bare_encoder_s", bare, "<= 1.1", stage / bare <= 1.1)
+
+
+def noop_rerun() -> dict:
+    cmd = [str(Path(sys.executable).parent / "snakemake"), "--profile", "profiles/cpu", "-n",
+           "results/quick/eval/metrics.json"]
+    start = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    nothing = "Nothing to be done" in proc.stdout + proc.stderr
+    return {"what": "`snakemake -n` on the finished quick run", "seconds": round(seconds, 2), "goal": "< 5 s",
+            "nothing_to_do": nothing, "met": nothing and seconds < 5}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--clips", type=int, default=48)
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--out", type=Path, default=REPO / "bench" / "results.json")
+    args = parser.parse_args(argv)
+    if not (MODEL / "config.json").is_file():
+        raise SystemExit(f"{MODEL} is missing: run `make quick` first (it converts the bundled tiny.en)")
+    torch.set_num_threads(args.threads)
+    clips = sap_like_clips(args.clips)
+    results = {"machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+                          f"{'CUDA' if torch.cuda.is_available() else 'CPU'}",
+               "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()), "model": "tiny.en",
+               "clips": args.clips, "batch_size": args.batch_size}
+    for name, fn in (("window_speedup", window_speedup), ("gate_pass_saved", gate_pass_saved),
+                     ("routing_overhead", routing_overhead), ("extraction_overhead", extraction_overhead)):
+        results[name] = fn(clips, args.batch_size, args.repeats)
+        print(name, json.dumps(results[name]), flush=True)
+    results["noop_rerun_s"] = noop_rerun()
+    write_json_atomic(args.out, results)
+    lines = ["| entry | ratio / seconds | goal | met |", "|---|---|---|---|"]
+    for name in ("window_speedup", "gate_pass_saved", "routing_overhead", "extraction_overhead", "noop_rerun_s"):
+        e = results[name]
+        lines.append(f"| {name} | {e.get('ratio', e.get('seconds'))} | {e['goal']} | {'yes' if e['met'] else 'no'} |")
+    table = "\n".join(lines)
+    args.out.with_suffix(".md").write_text(f"# Benchmarks\n\n{results['date']}, {results['machine']}\n\n{table}\n")
+    print(table)
+
+
+if __name__ == "__main__":
+    main()
