@@ -19,14 +19,15 @@ rule asr:
         # Resume checkpoints live outside the declared output, which Snakemake deletes on rerun.
         work_dir="results/{run}/_work/asr",
         settings=lambda w: settings_json(w.run, "lora", "asr", "training", "embeddings"),
+        launcher=lambda w: asr_launcher(w.run),
     conda:
         CONDA_ENV
     threads: 2
     resources:
         mem_mb=24000,
-        gpu=1,
+        gpu=lambda w: training_gpus(w.run),
     shell:
-        "python -m workflow_scripts.asr --train {input.train} --val {input.val}"
+        "{params.launcher} workflow_scripts.asr --train {input.train} --val {input.val}"
         " --base-model {params.model} {params.pretrained} --out {output}"
         " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
 

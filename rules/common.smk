@@ -47,6 +47,16 @@ def loader_workers(run):
     return run_settings(run)["training"]["num_workers"]
 
 
+def training_gpus(run):
+    return run_settings(run)["training"]["gpus"]
+
+
+def asr_launcher(run):
+    """`python -m`, or torchrun with one process per GPU when training.gpus > 1 (torchrun needs `shell:`)."""
+    gpus = training_gpus(run)
+    return "python -m" if gpus == 1 else f"torchrun --standalone --nproc_per_node={gpus} -m"
+
+
 def dataset_path(run):
     root = run_settings(run)["dataset_root"]
     if root.startswith("synthetic:"):

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from workflow_scripts import asr, embeddings
+from workflow_scripts import asr, embeddings, training
 from workflow_scripts.moe import read_gate_file
 from workflow_scripts.settings import default_run
 
@@ -88,15 +88,16 @@ def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_p
     utts = utterance_files / "train.json"
     embeddings.extract(utts, str(tiny_random), tmp_path / "a", tmp_path / "work_a", settings)
 
-    monkeypatch.setattr(embeddings, "load_audio", crash_after(5, embeddings.load_audio))
+    # Audio is decoded by the DataLoader's dataset (training.AudioDataset), here in this process.
+    monkeypatch.setattr(training, "load_audio", crash_after(5, training.load_audio))
     with pytest.raises(Crash):
         embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
     assert not (tmp_path / "b" / "mapping.json").exists()
     monkeypatch.undo()
     # Two batches of two were saved before the crash: the rerun decodes only the other four clips.
-    counted = crash_after(10**6, embeddings.load_audio)
+    counted = crash_after(10**6, training.load_audio)
     calls = []
-    monkeypatch.setattr(embeddings, "load_audio", lambda path: calls.append(path) or counted(path))
+    monkeypatch.setattr(training, "load_audio", lambda path: calls.append(path) or counted(path))
     embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
     assert len(calls) == 4
     a, b = np.load(tmp_path / "a" / "embeddings.npy"), np.load(tmp_path / "b" / "embeddings.npy")

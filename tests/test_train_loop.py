@@ -77,10 +77,34 @@ def test_last_shorter_accumulation_group_counts_in_full(tmp_path):
     assert lines[0]["lr"] == [1.0] and lines[1]["lr"] == [0.5]
 
 
-def test_batches_weigh_by_their_share_of_the_group_utterances():
-    # Length-bucketed batches differ in size: a step's gradient is the mean over the group's utterances.
-    assert train_loop.batch_weights([[0, 1, 2], [3], [4, 5], [6, 7]], accum=2) == [0.75, 0.25, 0.5, 0.5]
-    assert train_loop.batch_weights([[0, 1], [2, 3], [4]], accum=2) == [0.5, 0.5, 1.0]  # the last group alone
+class TokenRecipe(LinearRecipe):
+    """A batch's loss is the mean over its label tokens of w · v_token, as a language-model loss is."""
+
+    def __init__(self, values: dict[int, torch.Tensor]):
+        super().__init__()
+        self.values = values  # utterance index -> (tokens, 3)
+
+    def batch_losses(self, batch: dict) -> dict:
+        tokens = torch.cat([self.values[i] for i in batch["index"]])
+        return {"loss": (tokens @ self.w).mean()}
+
+
+def test_a_step_is_the_mean_over_its_tokens_however_batches_divide_them(tmp_path):
+    # Length-bucketed batches differ in size, and utterances in length: a step's gradient must be the
+    # mean over all label tokens of its accumulation group, the empty share of a small global batch
+    # (several processes) included.
+    gen = torch.Generator().manual_seed(0)
+    values = {i: torch.randn(n, 3, generator=gen) for i, n in enumerate([3, 7, 1, 5, 2])}
+    plan = [[0, 1, 2], [], [3], [4]]
+
+    def loader(p):
+        return [{"index": b, "labels": torch.zeros(sum(len(values[i]) for i in b), dtype=torch.long)} for b in p]
+
+    recipe = TokenRecipe(values)
+    train_loop.fit(recipe, optimizer=torch.optim.SGD([recipe.w], lr=1.0), plans=[plan], loader=loader, batch_size=3,
+                   tcfg=tcfg(gradient_accumulation_steps=4), work_dir=tmp_path, identity={"test": 2},
+                   select_by="loss", precision="fp32", batch_size_key="x.batch_size", name="test")
+    torch.testing.assert_close(recipe.w.detach(), -torch.cat(list(values.values())).mean(0))
 
 
 def test_non_finite_steps_are_skipped_and_counted(tmp_path):

@@ -21,6 +21,7 @@ import argparse
 import json
 import logging
 import math
+import os
 from pathlib import Path
 from typing import NamedTuple
 
@@ -39,7 +40,7 @@ from workflow_scripts.sampling import sample_utterances
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus
 from workflow_scripts.settings import parse_settings_arg, precision_setting
-from workflow_scripts.train_loop import fit
+from workflow_scripts.train_loop import fit, world
 from workflow_scripts.training import (
     load_base,
     make_loader,
@@ -135,11 +136,31 @@ def run_batch(moe: MoEWhisper, batch: dict, ctx: Context) -> dict:
     return {**out, "gate_inputs": emb}
 
 
-def window_balance_loss(moe: MoEWhisper, embeddings: list[torch.Tensor], routes: list[torch.Tensor]) -> torch.Tensor:
+def window_balance_loss(moe: MoEWhisper, embeddings: list[torch.Tensor],
+                        routes: list[torch.Tensor]) -> torch.Tensor | None:
     """Switch load-balancing loss over every utterance of an accumulation window. The gate has not
-    changed within the window, so recomputing its (dropout-free) probabilities gives the routes taken."""
-    probs = moe.gate.route_logits(torch.cat(embeddings)).softmax(-1)
-    return load_balance_loss(probs, torch.cat(routes).to(probs.device))
+    changed within the window, so recomputing its (dropout-free) probabilities gives the routes taken.
+
+    With several processes the window spans every rank: the routed fractions and the utterance count
+    are summed over ranks, and this rank's term carries its share of the mean probability, so the
+    gradients summed by the training loop are those of the loss over the global window.
+    """
+    if world()[0] == 1:
+        if not embeddings:
+            return None
+        probs = moe.gate.route_logits(torch.cat(embeddings)).softmax(-1)
+        return load_balance_loss(probs, torch.cat(routes).to(probs.device))
+    k = moe.num_experts
+    device = next(moe.gate.parameters()).device
+    counts = torch.zeros(k, device=device)
+    if embeddings:
+        probs = moe.gate.route_logits(torch.cat(embeddings)).softmax(-1)
+        counts += torch.bincount(torch.cat(routes).to(device), minlength=k)
+    torch.distributed.all_reduce(counts)
+    total = counts.sum()
+    if not embeddings or total == 0:
+        return None  # this rank had no utterance in the window: its share of the loss is zero
+    return k * torch.sum(counts / total * probs.sum(0) / total)
 
 
 class JointRecipe:
@@ -163,9 +184,12 @@ class JointRecipe:
     def window_losses(self) -> dict:
         emb, idx = self.window_emb, self.window_idx
         self.window_emb, self.window_idx = [], []
-        if not emb or self.balance_weight <= 0:
+        if self.balance_weight <= 0 or self.moe.gate is None:
             return {}
+        # Every rank calls it, routed utterances or not: it holds a collective with several processes.
         balance = window_balance_loss(self.moe, emb, idx)
+        if balance is None:
+            return {}
         return {"loss": self.balance_weight * balance, "balance_loss": balance}
 
     def save(self, out_dir: Path) -> None:
@@ -220,6 +244,7 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     if not val_utts:
         raise ValueError(f"{val_path} is empty: joint training needs held-out speakers; raise data.val_fraction")
     device = pick_device()
+    processes, rank = world()
     moe, processor, pooling, layer = build_moe(base_model, settings, gating, experts)
     moe.to(device).train()
     precision = resolve_precision(precision_setting(tcfg), device)
@@ -228,12 +253,16 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
                "seed": settings["seed"]}
     rows = {"train": None, "val": None}
     if moe.gate is not None:
+        if rank > 0:  # rank 0 computes and caches the gate inputs; the others read its cache
+            torch.distributed.barrier()
         spec = {"base_model": base_model, "encoder_window_s": window_ladder(settings["encoder_window_s"]),
                 "pooling": pooling, "layer": layer, "precision": precision}
         for name, utts in (("train", train_utts), ("val", val_utts)):
             rows[name] = gate_features(moe, processor, utts, spec=spec, batch_size=cfg["batch_size"], device=device,
                                        num_workers=tcfg["num_workers"],
                                        cache_dir=work_dir, embeddings_dir=embeddings).to(device)
+        if rank == 0 and processes > 1:
+            torch.distributed.barrier()
         if gating is None:
             # A random gate still needs standardised inputs, as a pretrained one has (gating.py).
             moe.gate.fit_standardization(rows["train"])
@@ -261,8 +290,11 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     windows = encoder_windows(moe.base)
     val_loader = make_loader(val_utts, processor, utterance_plan(val_utts, windows, cfg["batch_size"], shuffle=False),
                              windows=windows, num_workers=tcfg["num_workers"])
-    plans = [utterance_plan(train_utts, windows, cfg["batch_size"], shuffle=True, seed=settings["seed"] * 1000 + epoch,
-                            limit=size)
+    # asr.batch_size is per process: the global batches hold batch_size x processes utterances, and each
+    # rank takes every processes-th of them, so N processes train on what one process would with N x.
+    plans = [[batch[rank::processes] for batch in utterance_plan(
+                train_utts, windows, cfg["batch_size"] * processes, shuffle=True, seed=settings["seed"] * 1000 + epoch,
+                limit=size)]
              for epoch, size in enumerate(_epoch_sizes(len(train_utts), cfg["epochs"], max_passes), start=1)]
 
     identity = resume_identity(settings, base_model=base_model, max_passes=max_passes,
@@ -287,6 +319,8 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
               "utterance_passes": loop["utterance_passes"], **_pretraining_cost(experts),
               "train_seconds": loop["train_seconds"], "trainable_params": count_trainable(moe), "history": history,
               "settings": settings}
+    if rank > 0:
+        return record
     card = work_dir / "README.md"
     card.write_text(model_card(record))
     publish_best(loop["best_dir"], out, record, processor, extra_files=[loop["metrics_path"], card])
@@ -318,6 +352,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
+    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun (training.gpus > 1)
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     train(args.train, args.val, args.base_model, args.out, args.work_dir, parse_settings_arg(args.settings),
           gating=args.gating, experts=args.experts, assignment=args.assignment, max_passes=args.max_passes,
           embeddings=args.embeddings.parent if args.embeddings else None)

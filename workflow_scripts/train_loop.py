@@ -1,11 +1,12 @@
 """The one training loop of expert pretraining and joint training.
 
 Each stage brings a Recipe (its losses, validation and checkpoint format); the loop owns what must
-not drift between them: gradient accumulation (each batch weighted by its share of the group's
-utterances, since length-bucketed batches differ in size), clipping and linear warm-up from
-`training`, the scheduler, mixed-precision scaling, skipped non-finite steps, resume checkpoints
-(weights, optimizer, scheduler, scaler, RNG, position), periodic and best checkpoints, early
-stopping, a progress line and per-step metrics.
+not drift between them: gradient accumulation (each optimizer step's gradient is the mean over the
+label tokens of its whole group, however the length-bucketed batches divide them), several processes
+(gradients summed over ranks, so N processes on N shards equal one process on the global batch),
+clipping and linear warm-up from `training`, the scheduler, mixed-precision scaling, skipped
+non-finite steps, resume checkpoints (weights, optimizer, scheduler, scaler, RNG, position),
+periodic and best checkpoints, early stopping, a progress line and per-step metrics.
 
 Per-step metrics go to <work_dir>/metrics.jsonl, one JSON object per `training.log_every_steps`
 optimizer steps: step, epoch, learning rate, gradient norm, the recipe's loss parts, expert usage
@@ -60,18 +61,45 @@ def improved(entry: dict, best: tuple, select_by: str) -> tuple | None:
     return key if key < best else None
 
 
-def batch_weights(plan: list[list[int]], accum: int) -> list[float]:
-    """Loss weight of each batch of an epoch's plan: its share of the utterances in its accumulation group.
+def world() -> tuple[int, int]:
+    """(processes, this process's rank): (1, 0) unless torchrun started several."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size(), torch.distributed.get_rank()
+    return 1, 0
 
-    Batches differ in size (one partial batch per encoder window, a short last group), so weighting each
-    batch's mean loss by its utterances makes a step's gradient the mean over the group's utterances.
+
+def loss_units(batch: dict) -> int:
+    """What a batch's mean loss averages over: its label tokens (else its utterances)."""
+    if "labels" in batch:
+        return int((batch["labels"] != -100).sum())
+    return len(batch["index"])
+
+
+def _all_sum(value: Tensor) -> Tensor:
+    if world()[0] > 1:
+        torch.distributed.all_reduce(value)
+    return value
+
+
+def sync_gradients(params: list[torch.nn.Parameter], total_units: float) -> None:
+    """Turn the summed, unit-weighted gradients into the mean over the step's units on every rank.
+
+    With several processes the gradients are summed over ranks in one flat buffer. Routing may send a
+    rank no utterance for some expert: its gradient counts as zero there, so every rank takes part in
+    the same all-reduce (no hang, no unused-parameter error); a parameter no rank touched keeps no
+    gradient, so the optimizer leaves it alone exactly as a single process would.
     """
-    weights = []
-    for start in range(0, len(plan), accum):
-        group = plan[start:start + accum]
-        total = sum(len(b) for b in group)
-        weights += [len(b) / total for b in group]
-    return weights
+    if world()[0] == 1:
+        for p in params:
+            if p.grad is not None:
+                p.grad.div_(total_units)
+        return
+    touched = _all_sum(torch.tensor([float(p.grad is not None) for p in params], device=params[0].device))
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = _all_sum(torch._utils._flatten_dense_tensors(grads)).div_(total_units)
+    for p, grad, used in zip(params, torch._utils._unflatten_dense_tensors(flat, grads), touched.tolist(),
+                             strict=True):
+        p.grad = grad if used else None
 
 
 def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[list[int]]],
@@ -79,9 +107,11 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
         identity: dict, select_by: str, precision: str, batch_size_key: str, name: str) -> dict:
     """Train until the epochs (or utterance passes) are done or patience runs out.
 
-    plans: each epoch's batches (training.utterance_plan, seeded); loader(plan) yields them as model
-    inputs, so a resumed epoch loads only the batches it has left. Returns the loop's record: history
-    (one entry per epoch), best_epoch, utterance_passes, train_seconds, skipped_steps.
+    plans: each epoch's batches for this process (training.utterance_plan, seeded; with several
+    processes, each rank's share of every global batch, possibly empty); loader(plan) yields them as
+    model inputs, so a resumed epoch loads only the batches it has left. Only rank 0 writes files.
+    Returns the loop's record: history (one entry per epoch), best_epoch, utterance_passes,
+    train_seconds, skipped_steps.
     """
     accum = tcfg["gradient_accumulation_steps"]
     params = [p for group in optimizer.param_groups for p in group["params"]]
@@ -102,10 +132,14 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         st = state["loop"]
-    _truncate_metrics(metrics_path, st["global_step"])
+    rank0 = world()[1] == 0
+    if rank0:
+        _truncate_metrics(metrics_path, st["global_step"])
     started = time.perf_counter()
 
     def checkpoint() -> None:
+        if not rank0:
+            return
         loop = {**st, "train_seconds": st["train_seconds"] + time.perf_counter() - started}
         save_resume(resume_path, {"identity": identity, "trainable": recipe.trainable_state(),
                                   "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -120,32 +154,40 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
         nonlocal interval, interval_start, interval_utts, micro, interval_steps
         entry = _read_out(interval, micro, st, epoch, lr, interval_utts, interval_start, max(interval_steps, 1))
         bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", utt_s=entry["utterances_per_s"])
-        with metrics_path.open("a") as f:
-            f.write(json.dumps(entry) + "\n")
+        if rank0:
+            with metrics_path.open("a") as f:
+                f.write(json.dumps(entry) + "\n")
         interval, interval_start, interval_utts, micro, interval_steps = {}, time.perf_counter(), 0, 0, 0
 
     while st["epoch"] <= len(plans) and not st["stopped"]:
         epoch, skip, plan = st["epoch"], st["batch_in_epoch"], plans[st["epoch"] - 1]
-        n_batches, weights = len(plan), batch_weights(plan, accum)
+        n_batches = len(plan)
         bar = tqdm(total=n_batches, initial=skip, desc=f"{name} epoch {epoch}/{len(plans)}", unit="batch",
-                   mininterval=30, file=sys.stderr)
+                   mininterval=30, file=sys.stderr, disable=not rank0)
         sums: dict[str, Tensor] = {}
-        seen, windows, bad = 0, 0, torch.zeros((), dtype=torch.bool, device=device)
+        seen, windows, units, step_utts, bad = 0, 0, 0, 0, torch.zeros((), dtype=torch.bool, device=device)
         for i, batch in enumerate(loader(plan[skip:]), start=skip):
-            try:
-                out = recipe.batch_losses(batch)
-                loss = out["loss"]
-                bad |= ~torch.isfinite(loss.detach())
-                scaler.scale(loss * weights[i]).backward()
-            except torch.OutOfMemoryError as err:
-                raise RuntimeError(
-                    f"{name}: out of accelerator memory at {batch_size_key}={batch_size} with "
-                    f"training.gradient_accumulation_steps={accum}; lower {batch_size_key} and raise "
-                    "gradient_accumulation_steps by the same factor (same effective batch) in the profile's "
-                    "hardware.yaml or the run's settings") from err
             n = len(batch["index"])
-            seen, micro, interval_utts = seen + 1, micro + 1, interval_utts + n
-            st["utterance_passes"] += n
+            if n == 0:  # this rank's share of a small global batch: it still joins the step's all-reduce
+                out = {}
+            else:
+                try:
+                    out = recipe.batch_losses(batch)
+                    loss = out["loss"]
+                    bad |= ~torch.isfinite(loss.detach())
+                    # Weighted by its units; sync_gradients divides by the whole step's units.
+                    batch_units = loss_units(batch)
+                    units += batch_units
+                    scaler.scale(loss * batch_units).backward()
+                except torch.OutOfMemoryError as err:
+                    raise RuntimeError(
+                        f"{name}: out of accelerator memory at {batch_size_key}={batch_size} with "
+                        f"training.gradient_accumulation_steps={accum}; lower {batch_size_key} and raise "
+                        "gradient_accumulation_steps by the same factor (same effective batch) in the profile's "
+                        "hardware.yaml or the run's settings") from err
+            if n:
+                seen, micro, interval_utts = seen + 1, micro + 1, interval_utts + n
+            step_utts += n
             for key, value in out.items():
                 value = value.detach().float()
                 sums[key] = sums.get(key, 0) + value
@@ -153,13 +195,18 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
             bar.update(1)
             if (i + 1) % accum and i + 1 != n_batches:
                 continue
+            # One all-reduce per step for what the processes did together (nothing to reduce with one).
+            total_units, global_utts = _all_sum(torch.tensor([float(units), float(step_utts)], device=device)).tolist()
+            st["utterance_passes"] += int(global_utts)
+            units, step_utts = 0, 0
             window = recipe.window_losses()
             if window:
                 windows += 1
-                scaler.scale(window["loss"]).backward()
+                scaler.scale(window["loss"] * total_units).backward()
                 for key, value in window.items():
                     sums[f"window_{key}"] = sums.get(f"window_{key}", 0) + value.detach().float()
                     interval[f"window_{key}"] = interval.get(f"window_{key}", 0) + value.detach().float()
+            bad = _all_sum(bad.float()) > 0  # every rank skips the same steps
             if bad:  # one device sync per optimizer step, not per micro-batch
                 optimizer.zero_grad(set_to_none=True)
                 st["skipped_steps"] += 1
@@ -173,6 +220,7 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
                 bad = torch.zeros((), dtype=torch.bool, device=device)
                 continue
             st["nonfinite_in_a_row"] = 0
+            sync_gradients(params, max(total_units, 1.0))
             scaler.unscale_(optimizer)
             grad_norm = torch.nn.utils.clip_grad_norm_(params, tcfg["max_grad_norm"])
             scaler.step(optimizer)
@@ -202,19 +250,20 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
             key = improved(entry, st["best"], select_by)
             if key is not None:
                 st["best"], st["since_best"], st["best_epoch"] = key, 0, epoch
-                recipe.save(best_dir)
+                if rank0:
+                    recipe.save(best_dir)
             else:
                 st["since_best"] += 1
             # Early stopping is decided at validations only; patience counts validations or epochs.
             waited = epoch - st["best_epoch"] if tcfg["patience_unit"] == "epochs" else st["since_best"]
             st["stopped"] = waited >= tcfg["patience"]
-        if epoch % tcfg["save_every_n_epochs"] == 0:
+        if epoch % tcfg["save_every_n_epochs"] == 0 and rank0:
             recipe.save(work_dir / f"epoch_{epoch}")
         st["history"].append(entry)
         log.info("%s epoch %s", name, entry)
         st["epoch"], st["batch_in_epoch"] = epoch + 1, 0
         checkpoint()
-    if not best_dir.exists():
+    if rank0 and not best_dir.exists():
         # Validation never improved on +inf (a non-finite loss): keep the last weights, flagged.
         log.warning("%s: validation never gave a finite result; keeping the last weights", name)
         recipe.save(best_dir)

@@ -30,7 +30,10 @@ log = logging.getLogger("training")
 
 
 def pick_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """This process's accelerator: with torchrun, the GPU of its local rank."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def seed_everything(seed: int) -> None:
@@ -67,6 +70,8 @@ class Collate:
         self.processor, self.windows = processor, list(windows)
 
     def __call__(self, items) -> dict:
+        if not items:  # a rank's empty share of a small global batch (several processes)
+            return {"index": []}
         audios, texts, idx = zip(*items, strict=True)
         return {
             "input_features": input_features(self.processor, audios, self.windows),
