@@ -14,6 +14,10 @@ configfile: f"{workflow.basedir}/config/config.yaml"
 include: "rules/common.smk"
 
 
+# `snakemake --report report.html results/<run>/eval/metrics.json`: plots and tables with captions.
+report: "report/workflow.rst"
+
+
 wildcard_constraints:
     run="[A-Za-z0-9][A-Za-z0-9_-]*",
     expert=r"\d+",

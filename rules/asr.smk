@@ -37,7 +37,8 @@ rule training_curves:
         asr="results/{run}/asr_best",
         experts=lambda w: [] if skip_pretraining(w.run) else expert_dirs(w),
     output:
-        report("results/{run}/training_curves.png", caption="../config/report_training_curves.rst"),
+        report("results/{run}/training_curves.png", caption="../config/report_training_curves.rst",
+               category="4. Training"),
     log:
         "results/{run}/logs/training_curves.log",
     benchmark:

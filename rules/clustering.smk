@@ -31,7 +31,7 @@ rule cluster_plot:
         labels="results/{run}/cluster_labels.npy",
         summary="results/{run}/clusters.json",
     output:
-        report("results/{run}/cluster_plot.png", caption="../config/report_cluster_plot.rst"),
+        report("results/{run}/cluster_plot.png", caption="../config/report_cluster_plot.rst", category="2. Clustering"),
     log:
         "results/{run}/logs/cluster_plot.log",
     benchmark:

@@ -70,9 +70,9 @@ rule compare_report:
         lambda w: [f"results/{w.run}/compare/{v}/{name}" for v in compare_variants(w.run)
                    for name in ("metrics.json", "per_utterance.tsv")],
     output:
-        report=report("results/{run}/compare/report.md", caption="../config/report_compare.rst"),
+        report=report("results/{run}/compare/report.md", caption="../config/report_compare.rst", category="6. Comparison"),
         summary="results/{run}/compare/compare.json",
-        plot=report("results/{run}/compare/compare.png", caption="../config/report_compare.rst"),
+        plot=report("results/{run}/compare/compare.png", caption="../config/report_compare.rst", category="6. Comparison"),
     log:
         "results/{run}/logs/compare_report.log",
     benchmark:

@@ -54,6 +54,7 @@ rule prepare_data:
         asr_val="results/{run}/data/asr_val.json",
         eval="results/{run}/data/eval.json",
         report="results/{run}/data_report.json",
+        report_html=report("results/{run}/data_report.html", caption="../config/report_data.rst", category="1. Data"),
     log:
         "results/{run}/logs/prepare_data.log",
     benchmark:
@@ -66,6 +67,6 @@ rule prepare_data:
     resources:
         mem_mb=4000,
     shell:
-        "python -m workflow_scripts.data --dataset-root {input.dataset}"
-        " --out-dir results/{wildcards.run}/data --report {output.report}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "(python -m workflow_scripts.data --dataset-root {input.dataset}"
+        " --out-dir results/{wildcards.run}/data --report {output.report} --settings {params.settings:q}"
+        " && python -m workflow_scripts.report_html data {output.report} {output.report_html}) > {log} 2>&1"

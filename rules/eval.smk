@@ -11,6 +11,7 @@ rule eval:
     output:
         metrics="results/{run}/eval/metrics.json",
         per_utterance="results/{run}/eval/per_utterance.tsv",
+        scores=report("results/{run}/eval/scores.html", caption="../config/report_eval.rst", category="5. Evaluation"),
     log:
         "results/{run}/logs/eval.log",
     benchmark:
@@ -26,6 +27,7 @@ rule eval:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
+        "(python -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
         " --base-model {params.model} --out-dir results/{wildcards.run}/eval"
-        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"
+        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q}"
+        " && python -m workflow_scripts.report_html eval {output.metrics} {output.scores}) > {log} 2>&1"

@@ -29,7 +29,7 @@ rule gating_plot:
     input:
         "results/{run}/gating_metrics.json",
     output:
-        report("results/{run}/gating_metrics.png", caption="../config/report_gating_plot.rst"),
+        report("results/{run}/gating_metrics.png", caption="../config/report_gating_plot.rst", category="3. Gating"),
     log:
         "results/{run}/logs/gating_plot.log",
     benchmark:

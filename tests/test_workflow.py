@@ -342,3 +342,40 @@ def test_oracle_variant_routes_by_the_etiology_label(tmp_path):
                                delimiter="\t"))
     assert {row["etiology"] for row in rows} == set(etiologies)
     assert all(int(row["expert"]) == etiologies.index(row["etiology"]) for row in rows)
+
+
+def test_html_report_shows_plots_and_scores_in_a_browser(finished_run, tmp_path):
+    """`snakemake --report` gives one page; opened in headless Chromium, its results list holds the plots
+    and tables, and the eval table shows the WER per etiology."""
+    from playwright.sync_api import sync_playwright
+    chromium = shutil.which("chromium")
+    assert chromium, "the report test needs Debian's chromium: apt-get install chromium (.ci/run does)"
+    report = tmp_path / "report.html"
+    snakemake(finished_run, *CPU_PROFILE, "--report", str(report), "results/t/eval/metrics.json")
+    metrics = json.loads((finished_run / "results" / "t" / "eval" / "metrics.json").read_text())
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox", "--disable-gpu"])
+        page = browser.new_page(viewport={"width": 1280, "height": 900})
+        page.goto(report.as_uri())
+
+        def view(category: str, name: str) -> None:
+            page.get_by_text("Results").first.click()
+            page.get_by_text(category).first.click()
+            page.locator("tr", has_text=name).first.locator("a[iconname=eye]").click()
+            page.wait_for_timeout(300)
+
+        for category, plot in (("2. Clustering", "cluster_plot.png"), ("3. Gating", "gating_metrics.png"),
+                               ("4. Training", "training_curves.png")):
+            view(category, plot)
+            sizes = page.locator("img").evaluate_all("imgs => imgs.map(i => i.naturalWidth)")
+            assert max(sizes) >= 400, (plot, sizes)  # the plot itself is drawn, not only the logo
+        view("1. Data", "data_report.html")
+        data = next(f for f in page.frames if f != page.main_frame).inner_text("body")
+        assert "Dev: kept utterances" in data and "too_long" not in data  # nothing skipped in the tiny corpus
+        view("5. Evaluation", "scores.html")
+        scores = next(f for f in page.frames if f != page.main_frame).inner_text("body")
+        assert "Eval WER and CER" in scores and f"{100 * metrics['overall']['wer']:.2f}" in scores
+        assert all(eti in scores for eti in metrics["per_etiology"])
+        page.screenshot(path=str(tmp_path / "report.png"))
+        browser.close()
+    assert (tmp_path / "report.png").stat().st_size > 10_000
