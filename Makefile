@@ -3,7 +3,7 @@ PY := .venv/bin/python
 STAMP := .venv/.installed
 CORES ?= 2
 
-.PHONY: setup quick compare test bench lint dag clean
+.PHONY: setup quick compare test test-slurm bench lint dag clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,14 @@ compare: setup
 
 test: setup
 	.venv/bin/pytest -q tests
+
+# The quick pipeline through a real one-node SLURM cluster on this machine with profiles/slurm, against a
+# local run (tests/slurm). As root on Debian/Ubuntu: .ci/slurm_setup.sh installs and starts munge, MariaDB,
+# slurmdbd, slurmctld and slurmd. The executor plugin is pinned here (docs/slurm.md).
+test-slurm: setup
+	$(PY) -m pip install -q snakemake-executor-plugin-slurm==2.8.0 snakemake-executor-plugin-slurm-jobstep==0.6.1
+	bash .ci/slurm_setup.sh
+	MOE_SLURM_TEST=1 .venv/bin/pytest -q -s tests/slurm
 
 # Speed ratios (bucketed windows, cached gate input, routing, extraction, no-op rerun) on this machine:
 # bench/results.json and bench/results.md. Needs the finished quick run (its tiny.en and no-op rerun).
