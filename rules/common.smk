@@ -9,7 +9,7 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow_scripts.base_model import resolve_base_model  # noqa: E402
+from workflow_scripts.model_specs import resolve_base_model  # noqa: E402
 from workflow_scripts.variants import TRAINED as COMPARE_TRAINED, VARIANTS as COMPARE_VARIANTS, variants_of  # noqa: E402
 from workflow_scripts.settings import check_runs, resolve_run, stage_settings  # noqa: E402
 

@@ -16,7 +16,8 @@ import torch
 from safetensors.torch import load_file
 
 from workflow_scripts import base_model, whisper_io
-from workflow_scripts.base_model import BaseModelError, load_whisper, materialize, resolve_base_model
+from workflow_scripts.base_model import BaseModelError, load_whisper, materialize
+from workflow_scripts.model_specs import resolve_base_model
 from workflow_scripts.windows import window_ladder
 
 torch.set_num_threads(2)

