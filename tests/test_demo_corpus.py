@@ -129,7 +129,9 @@ def test_measure_records_zero_shot_wer_per_etiology(tmp_path: Path) -> None:
     corpus = generate(tmp_path / "c", "tiny", seed=3, jobs=2)
     result = demo_corpus.measure_zero_shot(corpus, per_etiology=1, batch=5)
     assert set(result) == set(ETIOLOGIES) and all(r["n"] == 1 for r in result.values())
-    assert all(0.0 <= r["wer"] for r in result.values())
+    # tiny.en understands espeak speech, degraded or not: well under 100 %, and not word-perfect everywhere.
+    assert all(0.0 <= r["wer"] < 1.0 for r in result.values()), result
+    assert any(r["wer"] > 0 for r in result.values()), result
     readme = (corpus / "README.md").read_text()
     assert "tiny.en zero-shot WER" in readme
     assert json.loads((corpus / "corpus_info.json").read_text())["zero_shot_wer"] == result

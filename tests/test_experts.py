@@ -83,7 +83,12 @@ def test_expert_without_utterances_gets_a_loadable_untrained_adapter(train_utts,
     record = json.loads((tmp_path / "expert_1" / "training.json").read_text())
     assert record["n_train"] == 0 and record["expert"] == 1
     base = WhisperForConditionalGeneration.from_pretrained(tiny_random)
-    assert isinstance(PeftModel.from_pretrained(base, tmp_path / "expert_1"), PeftModel)
+    peft = PeftModel.from_pretrained(base, tmp_path / "expert_1")
+    # Untrained: LoRA's B matrices are still their zero initialisation, so the adapter adds nothing.
+    lora_b = {n: p for n, p in peft.named_parameters() if "lora_B" in n}
+    assert lora_b and all(torch.count_nonzero(p) == 0 for p in lora_b.values())
+    lora_a = [p for n, p in peft.named_parameters() if "lora_A" in n]
+    assert all(torch.count_nonzero(p) > 0 for p in lora_a)  # real LoRA weights were loaded, not an empty shell
     # The manifest insists on experts 0..K-1: a missing expert 0 is an error, not a silent gap.
     with pytest.raises(ValueError, match="expected expert 0"):
         experts.manifest([tmp_path / "expert_1"], tmp_path / "manifest.json")
