@@ -159,3 +159,31 @@ def test_encoder_runs_once_per_training_step(utterance_files, tiny_random, tmp_p
     # 2 training steps and 1 validation batch, each with a single encoder pass.
     assert record["utterance_passes"] == 16
     assert len(calls) == (2 + 1) + 2 * (2 + 1)
+
+
+@pytest.mark.parametrize("balance_weight", [0.0, 1.0])
+def test_joint_training_spreads_a_collapsed_gate_only_with_the_balance_loss(utterance_files, tiny_random, tmp_path,
+                                                                             balance_weight):
+    """The research code's failure: a gate that sends every utterance to one expert. Trained by the real
+    joint-training loop, the load-balancing loss spreads the traffic; without it, the gate stays collapsed."""
+    from workflow_scripts.moe import GateMLP, save_gate
+
+    s = settings(asr={"epochs": 6, "batch_size": 4, "load_balance_weight": balance_weight, "gate_lr": 0.05,
+                      "gate_supervision_weight": 0.0},
+                 training={"eval_every_n_epochs": 6, "log_every_steps": 1})
+    s.update(skip_pretraining=False)
+    gate = GateMLP(64, 3, hidden_dim=16, dropout=0.0)
+    with torch.no_grad():
+        gate.net[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # everything to expert 0
+    save_gate(gate, tmp_path / "gating.pt", extra={"pooling": "mean", "layer": "last", "base_model": str(tiny_random),
+                                                    "encoder_window_s": 10})
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
+                       tmp_path / "out", tmp_path / "work", s, gating=tmp_path / "gating.pt")
+    usage = [h["train_expert_usage"] for h in record["history"]]
+    assert usage[0] == [8, 0, 0], usage  # it starts collapsed: all 8 utterances of the first epoch to expert 0
+    used_late = {k for epoch in usage[3:] for k, n in enumerate(epoch) if n}
+    if balance_weight:
+        assert used_late - {0}, usage  # pushed off the overloaded expert
+        assert len(used_late) > 1, usage
+    else:
+        assert used_late == {0}, usage
