@@ -154,8 +154,9 @@ def test_end_to_end_outputs(finished_run):
     assert metrics["overall"]["n"] == 6
     assert sum(v["n"] for v in metrics["per_etiology"].values()) == 6
     assert sum(sum(c.values()) for c in metrics["expert_usage"].values()) == 6
-    # Dev utterances are spread over the experts, not all sent to one.
-    assert metrics["experts_used"] == metrics["num_experts"] == 2
+    # How a random tiny model splits 6 utterances is not a property to pin; spreading is tested where it must
+    # hold (test_asr: a collapsed gate in the real training loop). Here: usage counts are well-formed.
+    assert metrics["num_experts"] == 2 and 1 <= metrics["experts_used"] <= 2
     assert metrics["baseline"]["overall"]["n"] == 6 and set(metrics["baseline"]["per_etiology"]) == \
         set(metrics["per_etiology"])
     header = (run / "eval" / "per_utterance.tsv").read_text().splitlines()[0].split("\t")
@@ -259,8 +260,11 @@ def test_lint_is_clean_except_justified():
     # make runs fail where PYTHONPATH is unset.
     justified = {"Environment variable PATH used but not asserted with envvars directive",
                  "Environment variable PYTHONPATH used but not asserted with envvars directive"}
-    assert lints <= justified, lints
-    assert "Lints for" in proc.stdout + proc.stderr or proc.returncode == 0
+    # Exactly these: an empty set would mean the lint output changed format, not that the workflow is clean.
+    assert lints == justified, lints
+    headers = [line for line in (proc.stdout + proc.stderr).splitlines() if line.startswith("Lints for")]
+    assert headers == [f"Lints for snakefile {REPO / 'rules' / 'common.smk'}:"], headers  # no rule has lints
+    assert proc.returncode == 1  # snakemake --lint exits 1 on any lint, these included
 
 
 @pytest.fixture(scope="module")
