@@ -23,7 +23,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 from workflow_scripts.moe import GateMLP, MoEWhisper
 from workflow_scripts.training import prepare_precision
 from workflow_scripts.whisper_io import autocast, use_encoder_windows
-from workflow_scripts.windows import SAMPLE_RATE, batch_plan, window_ladder
+from workflow_scripts.windows import SAMPLE_RATE, batch_plan, sap_like_durations, window_ladder
 
 LARGE_V2 = dict(vocab_size=51865, num_mel_bins=80, d_model=1280, encoder_layers=32, decoder_layers=32,
                 encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
@@ -34,13 +34,6 @@ TINY = dict(LARGE_V2, vocab_size=1000, pad_token_id=0, bos_token_id=1, eos_token
 # Dense bf16 tensor-core peaks (FLOP/s), from the vendors' data sheets; MFU is left out for other GPUs.
 PEAK_BF16 = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "A10": 125e12, "L4": 121e12}
 TOKENS_PER_SECOND = 3  # label tokens per second of speech, roughly, for SAP-style prompts
-
-
-def sap_like_seconds(n: int, seed: int = 0) -> np.ndarray:
-    rng = np.random.default_rng(seed)
-    short, medium = round(n * 0.72), round(n * 0.23)
-    return rng.permutation(np.concatenate([rng.uniform(1.5, 5, short), rng.uniform(5, 15, medium),
-                                           rng.uniform(15, 30, n - short - medium)]))
 
 
 def step_batches(seconds: np.ndarray, ladder: list[float], batch_size: int, config: WhisperConfig, device) -> list:
@@ -79,7 +72,7 @@ def run(config: WhisperConfig, precision: str, ladder: list[float], steps: int, 
     prepare_precision(moe, precision, device)
     optimizer = torch.optim.AdamW([p for p in moe.parameters() if p.requires_grad], lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=precision == "fp16")
-    data = step_batches(sap_like_seconds((steps + warmup) * batch_size), ladder, batch_size, config, device)
+    data = step_batches(sap_like_durations((steps + warmup) * batch_size), ladder, batch_size, config, device)
     gate_rows = torch.randn(batch_size, config.d_model, device=device)
 
     def step(feats, labels) -> None:

@@ -38,7 +38,7 @@ from workflow_scripts.sap_data import Utterance
 from workflow_scripts.settings import write_json_atomic
 from workflow_scripts.training import load_base
 from workflow_scripts.whisper_io import input_features, label_ids, pooled_embeddings
-from workflow_scripts.windows import SAMPLE_RATE, batch_plan, window_ladder
+from workflow_scripts.windows import SAMPLE_RATE, batch_plan, sap_like_durations, window_ladder
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "results" / "_models" / "tiny.en"
@@ -48,12 +48,9 @@ TEXT = "please put the river next to the farmer"
 
 def sap_like_clips(n: int, seed: int = 0) -> list[np.ndarray]:
     """Synthetic clips whose lengths follow SAP's mix: mostly short commands, a few long passages."""
-    rng = np.random.default_rng(seed)
-    short, medium = round(n * 0.72), round(n * 0.23)
-    seconds = np.concatenate([rng.uniform(1.5, 5, short), rng.uniform(5, 15, medium),
-                              rng.uniform(15, 30, n - short - medium)])
+    rng = np.random.default_rng(seed + 1)  # the tones; the lengths come from sap_like_durations
     clips = []
-    for s in rng.permutation(seconds):
+    for s in sap_like_durations(n, seed):
         t = np.arange(round(s * SAMPLE_RATE)) / SAMPLE_RATE
         tone = 0.2 * np.sin(2 * np.pi * rng.uniform(100, 300) * t) * (1 + 0.5 * np.sin(2 * np.pi * 3 * t))
         clips.append((tone + 0.01 * rng.standard_normal(len(t))).astype(np.float32))

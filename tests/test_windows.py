@@ -2,20 +2,23 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
-from workflow_scripts.windows import SAMPLE_RATE, batch_plan, fit_ladder, window_index, window_ladder
+from workflow_scripts.windows import (
+    SAMPLE_RATE,
+    batch_plan,
+    fit_ladder,
+    sap_like_durations,
+    window_index,
+    window_ladder,
+)
 
 LADDER = [5.0, 10.0, 20.0, 30.0]
 
 
 def sap_like_lengths(n: int, seed: int = 0) -> list[int]:
     """Clip lengths in samples, mixed as SAP's are: most short commands, a few long passages."""
-    rng = np.random.default_rng(seed)
-    seconds = np.concatenate([rng.uniform(1.5, 5, round(n * 0.72)), rng.uniform(5, 15, round(n * 0.23)),
-                              rng.uniform(15, 30, n - round(n * 0.72) - round(n * 0.23))])
-    return [round(s * SAMPLE_RATE) for s in rng.permutation(seconds)]
+    return [round(s * SAMPLE_RATE) for s in sap_like_durations(n, seed)]
 
 
 def test_a_setting_is_a_ladder_topped_by_the_native_window():

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 SAMPLE_RATE = 16000
@@ -40,6 +41,15 @@ def window_ladder(setting: float | Sequence[float]) -> list[float]:
 def fit_ladder(ladder: Sequence[float], native_s: float) -> list[float]:
     """The ladder on a model whose own window is `native_s` (under 30 s only for test models)."""
     return sorted({w for w in ladder if w < native_s} | {native_s})
+
+
+def sap_like_durations(n: int, seed: int = 0) -> np.ndarray:
+    """Clip durations (s) in SAP's mix, for benchmarks and tests: 72 % short commands (1.5-5 s), 23 %
+    sentences (5-15 s), 5 % long passages (15-30 s), in a seeded order."""
+    rng = np.random.default_rng(seed)
+    short, medium = round(n * 0.72), round(n * 0.23)
+    return rng.permutation(np.concatenate([rng.uniform(1.5, 5, short), rng.uniform(5, 15, medium),
+                                           rng.uniform(15, 30, n - short - medium)]))
 
 
 def window_index(num_samples: int, ladder: Sequence[float]) -> int:
