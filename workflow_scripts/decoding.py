@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -26,8 +26,10 @@ from workflow_scripts.whisper_io import (
     autocast,
     encoder_windows,
     generate_kwargs,
+    input_features,
     pooled_embeddings,
 )
+from workflow_scripts.windows import batch_plan
 
 log = logging.getLogger("decoding")
 FIXED_ROUTINGS = ("random_speaker", "etiology")
@@ -73,15 +75,21 @@ def eval_mode(module: torch.nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
+def audio_batches(processor, audios: Sequence[np.ndarray], windows: Sequence[float], batch_size: int) -> Iterator[dict]:
+    """In-memory clips as the loader batches utterances: one encoder window per batch, "index" into `audios`."""
+    for batch in batch_plan([len(a) for a in audios], windows, batch_size, shuffle=False):
+        clips = [audios[i] for i in batch]
+        yield {"index": batch, "input_features": input_features(processor, clips, windows),
+               "num_samples": [len(a) for a in clips]}
+
+
 @torch.no_grad()
-def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, pooling: str, layer: str | int,
-                batch_size: int, device: torch.device, precision: str = "fp32", num_workers: int = 0) -> torch.Tensor:
-    """Pooled base-encoder embeddings (routing is off outside moe.routing(), so no LoRA) of each utterance,
-    each at its own encoder window (as the embeddings stage computes them)."""
-    windows = encoder_windows(moe.base)
-    rows: list[torch.Tensor | None] = [None] * len(utts)
-    plan = utterance_plan(utts, windows, batch_size, shuffle=False)
-    for batch in make_loader(utts, processor, plan, windows=windows, num_workers=num_workers):
+def pooled_gate_rows(moe: MoEWhisper, batches: Iterable[dict], n: int, *, pooling: str, layer: str | int,
+                     device: torch.device, precision: str = "fp32") -> torch.Tensor:
+    """(n, d) pooled base-encoder embeddings (routing is off outside moe.routing(), so no LoRA) of the
+    batches' clips, placed by their "index"."""
+    rows: list[torch.Tensor | None] = [None] * n
+    for batch in batches:
         feats = batch["input_features"].to(device)
         with eval_mode(moe.base), autocast(precision, device):
             pooled = pooled_embeddings(moe.base, feats, batch["num_samples"], pooling=pooling, layer=layer)
@@ -90,6 +98,15 @@ def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, poolin
         for i, row in zip(batch["index"], pooled.half().float().cpu(), strict=True):
             rows[i] = row
     return torch.stack(rows) if rows else torch.zeros(0, 1)
+
+
+def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, pooling: str, layer: str | int,
+                batch_size: int, device: torch.device, precision: str = "fp32", num_workers: int = 0) -> torch.Tensor:
+    """The gate's input per utterance, each at its own encoder window (as the embeddings stage computes it)."""
+    windows = encoder_windows(moe.base)
+    loader = make_loader(utts, processor, utterance_plan(utts, windows, batch_size, shuffle=False), windows=windows,
+                         num_workers=num_workers)
+    return pooled_gate_rows(moe, loader, len(utts), pooling=pooling, layer=layer, device=device, precision=precision)
 
 
 @torch.no_grad()
@@ -128,17 +145,15 @@ def route_utterances(moe: MoEWhisper, processor, utts: Sequence[Utterance], rout
 
 
 @torch.no_grad()
-def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts: Sequence[int],
-                  weights: Sequence[float] | None, *, batch_size: int, device: torch.device,
-                  baseline: bool = False, precision: str = "fp32",
-                  num_workers: int = 0) -> tuple[list[str], list[str] | None]:
-    """Greedy transcripts with each utterance through its expert (and, with baseline, the base model alone)."""
-    windows = encoder_windows(moe.base)
-    hyps: list[str] = [""] * len(utts)
-    base_hyps: list[str] | None = [""] * len(utts) if baseline else None
+def decode_batches(moe: MoEWhisper, processor, batches: Iterable[dict], n: int, experts: Sequence[int],
+                   weights: Sequence[float] | None, *, device: torch.device, baseline: bool = False,
+                   precision: str = "fp32") -> tuple[list[str], list[str] | None]:
+    """Greedy transcripts of the batches' n clips, each through its expert (and, with baseline, the base
+    model alone), placed by their "index"."""
+    hyps: list[str] = [""] * n
+    base_hyps: list[str] | None = [""] * n if baseline else None
     done = 0
-    plan = utterance_plan(utts, windows, batch_size, shuffle=False)
-    for loaded in make_loader(utts, processor, plan, windows=windows, num_workers=num_workers):
+    for loaded in batches:
         batch = loaded["index"]
         feats = loaded["input_features"].to(device)
         kwargs = generate_kwargs(moe.base, loaded["num_samples"])
@@ -153,5 +168,17 @@ def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts
             for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
                 base_hyps[i] = text.strip()
         done += len(batch)
-        log.info("decoded %d / %d", done, len(utts))
+        log.info("decoded %d / %d", done, n)
     return hyps, base_hyps
+
+
+def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts: Sequence[int],
+                  weights: Sequence[float] | None, *, batch_size: int, device: torch.device,
+                  baseline: bool = False, precision: str = "fp32",
+                  num_workers: int = 0) -> tuple[list[str], list[str] | None]:
+    """Greedy transcripts of utterances (audio decoded by the loader), each through its expert."""
+    windows = encoder_windows(moe.base)
+    loader = make_loader(utts, processor, utterance_plan(utts, windows, batch_size, shuffle=False), windows=windows,
+                         num_workers=num_workers)
+    return decode_batches(moe, processor, loader, len(utts), experts, weights, device=device, baseline=baseline,
+                          precision=precision)

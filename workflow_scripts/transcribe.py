@@ -30,17 +30,12 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from workflow_scripts.decoding import audio_batches, decode_batches, pooled_gate_rows
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import SAMPLE_RATE, load_audio
 from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
-from workflow_scripts.whisper_io import (
-    autocast,
-    encoder_windows,
-    generate_kwargs,
-    input_features,
-    pooled_embeddings,
-)
-from workflow_scripts.windows import NATIVE_WINDOW_S, batch_plan
+from workflow_scripts.whisper_io import encoder_windows
+from workflow_scripts.windows import NATIVE_WINDOW_S
 
 AUDIO_SUFFIXES = (".wav", ".flac")
 CHUNK_SAMPLES = round(NATIVE_WINDOW_S * SAMPLE_RATE)
@@ -100,37 +95,6 @@ def read_audio(path: Path) -> tuple[np.ndarray, list[str]]:
     return audio, notes
 
 
-@torch.no_grad()
-def _gate_probabilities(model: Model, chunks: list[np.ndarray], batch_size: int) -> torch.Tensor:
-    """(chunks, K) gate probabilities, each chunk embedded at its own window as in training."""
-    moe, windows = model.moe, encoder_windows(model.moe.base)
-    rows = torch.zeros(len(chunks), moe.gate.config["input_dim"])
-    for batch in batch_plan([len(c) for c in chunks], windows, batch_size, shuffle=False):
-        audios = [chunks[i] for i in batch]
-        feats = input_features(model.processor, audios, windows).to(model.device)
-        with autocast(model.precision, model.device):
-            pooled = pooled_embeddings(moe.base, feats, [len(a) for a in audios], pooling=model.record["pooling"],
-                                       layer=model.record.get("layer", "last"))
-        rows[batch] = pooled.half().float().cpu()  # float16, as every route source rounds it
-    return moe.route(rows.to(model.device)).probs.cpu()
-
-
-@torch.no_grad()
-def _decode(model: Model, chunks: list[np.ndarray], experts: list[int], weights: list[float] | None,
-            batch_size: int) -> list[str]:
-    moe, windows = model.moe, encoder_windows(model.moe.base)
-    texts = [""] * len(chunks)
-    for batch in batch_plan([len(c) for c in chunks], windows, batch_size, shuffle=False):
-        audios = [chunks[i] for i in batch]
-        feats = input_features(model.processor, audios, windows).to(model.device)
-        w = None if weights is None else torch.tensor([weights[i] for i in batch])
-        with moe.routing([experts[i] for i in batch], w), autocast(model.precision, model.device):
-            ids = moe.base.generate(feats, **generate_kwargs(moe.base, [len(a) for a in audios]))
-        for i, text in zip(batch, model.processor.batch_decode(ids, skip_special_tokens=True), strict=True):
-            texts[i] = text.strip()
-    return texts
-
-
 def transcribe(model: Model, paths: Sequence[str | Path], batch_size: int = 8) -> list[dict]:
     """One result per audio file (folders expanded): file, text, expert, gate_probability, duration_s, notes;
     or file and error for a file that could not be read."""
@@ -152,10 +116,13 @@ def transcribe(model: Model, paths: Sequence[str | Path], batch_size: int = 8) -
         owner += [len(results) - 1] * len(pieces)
     if not chunks:
         return results
-    moe = model.moe
+    moe, windows = model.moe, encoder_windows(model.moe.base)
     experts, weights = [0] * len(chunks), None
     if moe.gate is not None and moe.num_experts > 1:
-        probs = _gate_probabilities(model, chunks, batch_size)
+        rows = pooled_gate_rows(moe, audio_batches(model.processor, chunks, windows, batch_size), len(chunks),
+                                pooling=model.record["pooling"], layer=model.record.get("layer", "last"),
+                                device=model.device, precision=model.precision)
+        probs = moe.route(rows.to(model.device)).probs.cpu()
         for r in {*owner}:
             mean = probs[[i for i, o in enumerate(owner) if o == r]].mean(0)
             k = int(mean.argmax())
@@ -166,7 +133,8 @@ def transcribe(model: Model, paths: Sequence[str | Path], batch_size: int = 8) -
     else:
         for r in {*owner}:
             results[r].update(expert=0, gate_probability=None)
-    texts = _decode(model, chunks, experts, weights, batch_size)
+    texts, _ = decode_batches(moe, model.processor, audio_batches(model.processor, chunks, windows, batch_size),
+                              len(chunks), experts, weights, device=model.device, precision=model.precision)
     for r in {*owner}:
         results[r]["text"] = " ".join(t for t, o in zip(texts, owner, strict=True) if o == r and t)
     return results
