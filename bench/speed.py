@@ -32,10 +32,10 @@ import numpy as np
 import soundfile as sf
 import torch
 
+from workflow_scripts.atomic import write_json
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.moe import GateMLP, MoEWhisper
 from workflow_scripts.sap_data import Utterance
-from workflow_scripts.settings import write_json_atomic
 from workflow_scripts.training import load_base
 from workflow_scripts.whisper_io import input_features, label_ids, pooled_embeddings
 from workflow_scripts.windows import SAMPLE_RATE, batch_plan, sap_like_durations, window_ladder
@@ -212,7 +212,7 @@ def main(argv: list[str] | None = None) -> None:
         results[name] = fn(clips, args.batch_size, args.repeats)
         print(name, json.dumps(results[name]), flush=True)
     results["noop_rerun_s"] = noop_rerun()
-    write_json_atomic(args.out, results)
+    write_json(args.out, results)
     lines = ["| entry | ratio / seconds | goal | met |", "|---|---|---|---|"]
     for name in ("window_speedup", "gate_pass_saved", "routing_overhead", "extraction_overhead", "noop_rerun_s"):
         e = results[name]

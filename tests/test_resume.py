@@ -153,11 +153,33 @@ def test_mixed_precision_resumes_mid_epoch_to_the_same_model(utterance_files, ti
     train, val = utterance_files / "train.json", utterance_files / "val.json"
     asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
     _crashed_run(utterance_files, tiny_random, tmp_path / "b", monkeypatch, settings)
-    state = torch.load(tmp_path / "b" / "work" / "resume.pt", weights_only=False)
+    state = training.read_checkpoint(tmp_path / "b" / "work" / "resume.pt")
     assert bool(state["scaler"]) == (precision == "fp16")  # bf16 needs no loss scaling
     record = asr.train(train, val, str(tiny_random), tmp_path / "b" / "out", tmp_path / "b" / "work",
                        copy.deepcopy(settings))
     assert record["precision"] == precision
+    for k in range(3):
+        a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")
+        b = load_file(tmp_path / "b" / "out" / f"expert_{k}" / "adapter_model.safetensors")
+        for name in a:
+            np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
+
+
+def test_a_damaged_checkpoint_resumes_from_the_previous_one_to_the_same_model(utterance_files, tiny_random, tmp_path,
+                                                                              monkeypatch, caplog):
+    """A crash that also damaged the newest checkpoint (cut short, as a write on a filesystem without
+    atomic rename can leave it) costs one more checkpoint interval, never the result."""
+    settings = run_settings()
+    train, val = utterance_files / "train.json", utterance_files / "val.json"
+    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
+    _crashed_run(utterance_files, tiny_random, tmp_path / "b", monkeypatch, settings)
+    newest = tmp_path / "b" / "work" / "resume.pt"
+    newest.write_bytes(newest.read_bytes()[:1000])
+    with caplog.at_level(logging.INFO, logger="training"):
+        asr.train(train, val, str(tiny_random), tmp_path / "b" / "out", tmp_path / "b" / "work",
+                  copy.deepcopy(settings))
+    assert f"{newest} is damaged" in caplog.text
+    assert "previous.pt (epoch 2, step 2)" in caplog.text  # one step before the damaged one (step 3)
     for k in range(3):
         a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")
         b = load_file(tmp_path / "b" / "out" / f"expert_{k}" / "adapter_model.safetensors")

@@ -16,7 +16,6 @@ import importlib.util
 import json
 import os
 import re
-import shutil
 import struct
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from transformers import (
     WhisperTokenizer,
 )
 
+from workflow_scripts.atomic import atomic_dir
 from workflow_scripts.model_specs import BUNDLES, BaseModelError, Bundle, bundle_name
 
 # Each encoder position covers 2 mel frames of 160 samples: 50 positions per second of audio.
@@ -237,20 +237,11 @@ def _locate_bundle(name: str) -> tuple[Bundle, list[Path], Path]:
 
 
 def _write_folder(out_dir: Path, model: WhisperForConditionalGeneration, processor: WhisperProcessor) -> Path:
-    """Save into `<out>.tmp-<pid>` and rename, so a half-written folder never looks complete."""
-    out_dir = Path(out_dir)
-    tmp = out_dir.with_name(f"{out_dir.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:
+    """Save through atomic_dir, so a half-written folder never looks complete."""
+    with atomic_dir(out_dir) as tmp:
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
-    os.replace(tmp, out_dir)
-    return out_dir
+    return Path(out_dir)
 
 
 def _convert_bundle(name: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:

@@ -17,13 +17,13 @@ import logging
 
 import numpy as np
 
+from workflow_scripts.atomic import atomic_file
 from workflow_scripts.clustering import (
     ClusteringError,
     load_embeddings,
     resolve_settings,
     settings_or_exit,
     umap_reduce,
-    write_atomic,
 )
 
 
@@ -85,7 +85,8 @@ def run_plot(
     ax.set_title(f"{k} clusters ({algorithm}, {level} level), {cfg['plot_method'].upper()} projection, "
                  f"N={len(labels)} utterances")
     fig.tight_layout()
-    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=120))
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png", dpi=120)
     plt.close(fig)
 
 

@@ -22,14 +22,14 @@ import argparse
 import json
 import logging
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any
 
 import numpy as np
 
+from workflow_scripts.atomic import atomic_file, write_json
 from workflow_scripts.cluster_balance import (
     cap_cluster_share,
     max_units,
@@ -37,7 +37,7 @@ from workflow_scripts.cluster_balance import (
     reassign_noise,
     relabel_by_size,
 )
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg
 
 log = logging.getLogger("workflow_scripts.clustering")
 
@@ -384,26 +384,15 @@ def build_summary(labels: np.ndarray, info: dict, etiologies: list[str], reduced
     return summary
 
 
-def write_atomic(path: str | os.PathLike, write: Callable[[BinaryIO], Any]) -> None:
-    """Write through a temp file next to `path`, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    # Writing to a file object keeps np.save from appending ".npy" to the temp name.
-    with os.fdopen(fd, "wb") as f:
-        write(f)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; outputs should be readable like any other file
-    os.replace(tmp, path)
-
-
 def run_cluster(embeddings_dir: str, labels_out: str, summary_out: str, raw_settings: dict) -> dict:
     cfg, num_experts, seed = resolve_settings(raw_settings)
     emb, etiologies = load_embeddings(embeddings_dir)
     speakers = row_speakers(embeddings_dir) if cfg["level"] == "speaker" else None
     labels, info, reduced = cluster_embeddings(emb, cfg, num_experts, seed, speakers)
     summary = build_summary(labels, info, etiologies, reduced)
-    write_atomic(labels_out, lambda f: np.save(f, labels))
-    write_json_atomic(summary_out, summary)
+    with atomic_file(labels_out) as f:
+        np.save(f, labels)
+    write_json(summary_out, summary)
     log.info("%d clusters (%s), sizes %s", summary["num_clusters"], summary["algorithm_used"], summary["sizes"])
     return summary
 

@@ -32,9 +32,10 @@ import torch
 
 from workflow_scripts import asr
 from workflow_scripts import eval as evaluation
+from workflow_scripts.atomic import write_json
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import load_audio, read_utterances
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.variants import TRAINED, VARIANTS, variant_settings
 from workflow_scripts.whisper_io import transcribe, window_seconds
@@ -110,7 +111,7 @@ def eval_variant(variant: str, utterances: Path, base_model: str, out_dir: Path,
                                       num_workers=num_workers)
         metrics.update(_cost(model))
         # Rewritten with the cost fields; the scores and per_utterance.tsv are unchanged.
-        write_json_atomic(out_dir / "metrics.json", metrics)
+        write_json(out_dir / "metrics.json", metrics)
     log.info("%s: WER %.4f on %d utterances", variant, metrics["overall"]["wer"], metrics["overall"]["n"])
     return metrics
 

@@ -15,15 +15,13 @@ import argparse
 import csv
 import json
 import logging
-import os
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from workflow_scripts.clustering import write_atomic
+from workflow_scripts.atomic import atomic_file, write_json, write_text
 from workflow_scripts.scoring import score_corpus, score_utterance
-from workflow_scripts.settings import write_json_atomic
 from workflow_scripts.variants import SINGLE_LORA
 
 log = logging.getLogger("compare_report")
@@ -207,18 +205,17 @@ def plot(result: dict, variants: list[str], out: Path) -> None:
     ax.set(ylabel="WER (%)", title="Dev WER per variant")
     ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 
 def write_report(variants_dir: Path, variants: list[str], out_dir: Path, seed: int, title: str) -> dict:
     result = summarize(variants_dir, variants, seed)
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_json_atomic(out_dir / "compare.json", result)
+    write_json(out_dir / "compare.json", result)
     plot(result, variants, out_dir / "compare.png")
-    tmp = out_dir / ".report.md.tmp"
-    tmp.write_text(render_markdown(result, variants, title))
-    os.replace(tmp, out_dir / "report.md")
+    write_text(out_dir / "report.md", render_markdown(result, variants, title))
     log.info("verdict: %s", result["verdict"])
     return result
 

@@ -10,7 +10,7 @@ import argparse
 import json
 from pathlib import Path
 
-from workflow_scripts.clustering import write_atomic
+from workflow_scripts.atomic import atomic_file
 
 
 def read_metrics(model_dir: Path) -> list[dict]:
@@ -39,7 +39,8 @@ def plot(model_dirs: list[Path], out: Path) -> None:
     ax_loss.legend(fontsize=7)
     ax_lr.set(xlabel="optimizer step", ylabel="learning rate", title="Schedule (warm-up, linear decay)")
     fig.tight_layout()
-    write_atomic(out, lambda f: fig.savefig(f, format="png", dpi=100))
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
 
 

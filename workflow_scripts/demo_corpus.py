@@ -19,7 +19,6 @@ import json
 import multiprocessing as mp
 import os
 import re
-import shutil
 import sys
 import uuid
 from pathlib import Path
@@ -29,6 +28,7 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import butter, sosfilt
 
+from workflow_scripts.atomic import atomic_dir, write_text
 from workflow_scripts.espeak import SAMPLE_RATE, Voice, synthesize
 
 ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
@@ -313,25 +313,21 @@ def render_readme(info: dict[str, Any]) -> str:
 def _write_info(root: Path, info: dict[str, Any]) -> None:
     for name, text in (("corpus_info.json", json.dumps(info, indent=2, sort_keys=True) + "\n"),
                        ("README.md", render_readme(info))):
-        tmp = root / f".{name}.tmp{os.getpid()}"
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, root / name)
+        write_text(root / name, text)
 
 
 def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwrite: bool = False,
              zero_shot_wer: dict[str, Any] | None = None) -> Path:
-    """Generate the corpus in ``<out>.tmp-<pid>`` and rename it to ``out`` only when complete."""
+    """Generate the corpus in a temp folder next to ``out`` and rename it to ``out`` only when complete."""
     out = Path(out)
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; remove it or pass --overwrite")
     speakers, utts = plan_corpus(size, seed)
-    tmp = out.with_name(f"{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
     by_id = {s["id"]: s for s in speakers}
-    for s in speakers:
-        (tmp / s["split"] / s["id"]).mkdir(parents=True)
-    jobs_list = [(u, by_id[u["speaker"]], str(tmp / u["split"] / u["speaker"] / u["filename"])) for u in utts]
-    try:
+    with atomic_dir(out) as tmp:
+        for s in speakers:
+            (tmp / s["split"] / s["id"]).mkdir(parents=True)
+        jobs_list = [(u, by_id[u["speaker"]], str(tmp / u["split"] / u["speaker"] / u["filename"])) for u in utts]
         # maxtasksperchild=1: a fresh espeak-ng per utterance, the only way to get reproducible audio.
         with mp.get_context("fork").Pool(max(1, jobs), maxtasksperchild=1) as pool:
             durations = pool.map(_render, jobs_list, chunksize=1)
@@ -359,11 +355,6 @@ def generate(out: str | os.PathLike, size: str, seed: int, jobs: int = 1, overwr
                 "dev_new_template_pct": round(100 * sum(u["template"] >= len(TEMPLATES) for u in dev) / len(dev), 1),
                 "zero_shot_wer": zero_shot_wer or {}}
         _write_info(tmp, info)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 

@@ -17,7 +17,6 @@ import argparse
 import hashlib
 import json
 import logging
-import os
 import shutil
 from pathlib import Path
 
@@ -25,8 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from workflow_scripts.atomic import atomic_file, write_json
 from workflow_scripts.sap_data import Utterance, read_utterances
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import (
     load_base,
     make_loader,
@@ -113,10 +113,9 @@ class PartialStore:
 
     def save(self, rows: np.ndarray) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
-        tmp = self.dir / "partial.tmp.npy"
-        np.save(tmp, rows.astype(np.float16))
-        os.replace(tmp, self.dir / "partial.npy")
-        write_json_atomic(self.dir / "progress.json", {"fingerprint": self.fingerprint, "done": len(rows)})
+        with atomic_file(self.dir / "partial.npy") as f:
+            np.save(f, rows.astype(np.float16))
+        write_json(self.dir / "progress.json", {"fingerprint": self.fingerprint, "done": len(rows)})
         self.last_saved = len(rows)
 
 
@@ -146,10 +145,8 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
     if not np.isfinite(matrix).all():
         raise FloatingPointError("non-finite embedding values (float16 overflow?); check the base model")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / "embeddings.tmp.npy"
-    np.save(tmp, matrix)
-    os.replace(tmp, out_dir / "embeddings.npy")
+    with atomic_file(out_dir / "embeddings.npy") as f:
+        np.save(f, matrix)
     mapping = {
         "base_model": base_model,
         "pooling": cfg["pooling"],
@@ -161,7 +158,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
         "utterances": {u.id: {"row": i, "etiology": u.etiology, "speaker": u.speaker}
                        for i, u in enumerate(utts)},
     }
-    write_json_atomic(out_dir / "mapping.json", mapping)
+    write_json(out_dir / "mapping.json", mapping)
     shutil.rmtree(work_dir, ignore_errors=True)
     log.info("embedded %d utterances: %s float16 (%.1f KiB per utterance)", len(utts), matrix.shape,
              matrix.shape[1] * 2 / 1024)

@@ -14,18 +14,18 @@ import argparse
 import csv
 import json
 import logging
-import os
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
 
 import torch
 
+from workflow_scripts.atomic import atomic_file, write_json
 from workflow_scripts.decoding import ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus, score_utterance
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
 
 log = logging.getLogger("eval")
@@ -52,14 +52,11 @@ def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[s
         "experts_used": len({e for e in experts if e is not None}),
         **extra,
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".per_utterance.tsv.tmp"
-    with open(tmp, "w", newline="") as f:
+    with atomic_file(out_dir / "per_utterance.tsv", "w") as f:
         writer = csv.DictWriter(f, fieldnames=TSV_COLUMNS, delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)
-    os.replace(tmp, out_dir / "per_utterance.tsv")
-    write_json_atomic(out_dir / "metrics.json", metrics)
+    write_json(out_dir / "metrics.json", metrics)
     return metrics
 
 

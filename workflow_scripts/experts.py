@@ -23,11 +23,12 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
+from workflow_scripts.atomic import write_json
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import read_gate_file
 from workflow_scripts.sap_data import Utterance, read_utterances
-from workflow_scripts.settings import parse_settings_arg, precision_setting, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg, precision_setting
 from workflow_scripts.train_loop import fit
 from workflow_scripts.training import (
     load_base,
@@ -88,7 +89,7 @@ def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path,
                    for name, utts in sets.items()},
         **{name: [{**u.to_dict(), "expert": expert_of[u.id]} for u in utts] for name, utts in sets.items()},
     }
-    write_json_atomic(out, result)
+    write_json(out, result)
     log.info("assigned %d utterances (%s); per expert %s", len(expert_of), source, result["counts"])
     return result
 
@@ -203,7 +204,7 @@ def manifest(expert_dirs: list[Path], out: Path) -> dict:
                         "best_val_loss": record.get("best_val_loss"), "utterance_passes": record["utterance_passes"],
                         "train_seconds": record["train_seconds"]})
     result = {"num_experts": len(experts), "experts": experts}
-    write_json_atomic(out, result)
+    write_json(out, result)
     return result
 
 

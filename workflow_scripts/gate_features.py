@@ -12,13 +12,13 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from workflow_scripts.atomic import atomic_file
 from workflow_scripts.decoding import gate_inputs
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance
@@ -65,10 +65,8 @@ def gate_features(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, spec
         matrix[i] = row
     for i, row in zip(missing, fresh, strict=True):
         matrix[i] = row
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(tmp := cache_dir / f".{path.name}.tmp", "wb") as f:
+    with atomic_file(path) as f:
         np.save(f, matrix)
-    os.replace(tmp, path)
     log.info("gate inputs of %d utterances: %d from the embeddings stage, %d computed; cached in %s", len(utts),
              len(reused), len(missing), path)
     return torch.from_numpy(matrix.astype(np.float32))

@@ -23,9 +23,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from workflow_scripts.atomic import atomic_file, write_json
 from workflow_scripts.moe import GateMLP, save_gate
 from workflow_scripts.sampling import speaker_disjoint_split
-from workflow_scripts.settings import parse_settings_arg, write_json_atomic
+from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.windows import window_ladder
 
 log = logging.getLogger("gating")
@@ -118,7 +119,7 @@ def train(embeddings_dir: Path, labels_path: Path, out: Path, metrics_out: Path,
     save_gate(gate, out, extra={"pooling": mapping["pooling"], "layer": mapping.get("layer", "last"),
                                 "base_model": mapping["base_model"],
                                 "encoder_window_s": mapping.get("encoder_window_s")})
-    write_json_atomic(metrics_out, metrics)
+    write_json(metrics_out, metrics)
     log.info("gate: %d experts, best epoch %d, val acc %.3f on %d held-out utterances", metrics["num_experts"],
              metrics["best_epoch"], metrics["best_val_acc"], metrics["n_val"])
     return metrics
@@ -165,10 +166,9 @@ def plot(metrics_path: Path, out: Path) -> None:
     ax_acc.set(xlabel="epoch", ylabel="accuracy", ylim=(0, 1.05),
                title=f"Validation accuracy ({metrics['num_experts']} experts)")
     fig.tight_layout()
-    tmp = out.with_name(f".{out.name}.tmp.png")
-    fig.savefig(tmp, dpi=100)
+    with atomic_file(out) as f:
+        fig.savefig(f, format="png", dpi=100)
     plt.close(fig)
-    os.replace(tmp, out)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -13,8 +13,6 @@ import json
 import math
 import os
 import re
-import shutil
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import NamedTuple
@@ -24,6 +22,8 @@ import torch.nn.functional as F
 from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
+
+from workflow_scripts.atomic import atomic_dir, atomic_file
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 WEIGHTINGS = ("prob", "straight_through")
@@ -69,23 +69,11 @@ class GateMLP(nn.Module):
         return h
 
 
-def _atomic_path(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    os.close(fd)
-    return Path(tmp)
-
-
 def save_gate(gate: GateMLP, path: str | os.PathLike, extra: dict | None = None) -> None:
     """One torch file with config + weights + ``extra`` (plain Python/tensor values only)."""
-    path = Path(path)
-    tmp = _atomic_path(path)
-    try:
+    with atomic_file(path) as f:
         torch.save({"format": _GATE_FORMAT, "config": gate.config, "state_dict": gate.state_dict(),
-                    "extra": extra or {}}, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+                    "extra": extra or {}}, f)
 
 
 def read_gate_file(path: str | os.PathLike) -> tuple[GateMLP, dict]:
@@ -211,23 +199,6 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
     if isinstance(targets, str):
         return re.fullmatch(targets, name) is not None
     return any(name == t or name.endswith("." + t) for t in targets)
-
-
-@contextlib.contextmanager
-def _atomic_dir(out_dir: Path) -> Iterator[Path]:
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
-        yield tmp
-        os.chmod(tmp, 0o755)
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        if out_dir.exists():
-            shutil.rmtree(old, ignore_errors=True)  # leftover of an interrupted earlier save
-            os.replace(out_dir, old)
-        os.replace(tmp, out_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 class MoEWhisper(nn.Module):
@@ -390,13 +361,13 @@ class MoEWhisper(nn.Module):
         tensors = {f"base_model.model.{name}.lora_{ab}.weight": params[k].detach().cpu().contiguous()
                    for name, layer in self.layers.items()
                    for ab, params in (("A", layer.lora_A), ("B", layer.lora_B))}
-        with _atomic_dir(Path(out_dir)) as tmp:
+        with atomic_dir(Path(out_dir)) as tmp:
             self._lora_config().save_pretrained(tmp)
             save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
 
     def save(self, out_dir: str | os.PathLike) -> None:
         """expert_<k>/ (and shared/) PEFT folders + gate.pt (if any) + moe_config.json, written atomically."""
-        with _atomic_dir(Path(out_dir)) as tmp:
+        with atomic_dir(Path(out_dir)) as tmp:
             for k in range(self.num_experts):
                 self.save_expert_adapter(k, tmp / f"expert_{k}")
             if self.shared_index is not None:

@@ -12,7 +12,7 @@ import html
 import json
 from pathlib import Path
 
-from workflow_scripts.settings import write_text_atomic
+from workflow_scripts.atomic import write_text
 
 STYLE = ("body{font-family:sans-serif;margin:1em}table{border-collapse:collapse;margin-bottom:1.5em}"
          "th,td{border:1px solid #ccc;padding:4px 8px;text-align:right}th:first-child,td:first-child{text-align:left}"
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out", type=Path)
     args = parser.parse_args(argv)
     data = json.loads(args.source.read_text())
-    write_text_atomic(args.out, eval_page(data) if args.kind == "eval" else data_page(data))
+    write_text(args.out, eval_page(data) if args.kind == "eval" else data_page(data))
 
 
 if __name__ == "__main__":

@@ -34,6 +34,8 @@ import numpy as np
 import soundfile as sf
 from scipy.signal import resample_poly
 
+from workflow_scripts.atomic import write_text
+
 log = logging.getLogger(__name__)
 
 SAMPLE_RATE = 16000
@@ -83,21 +85,9 @@ class Utterance:
         return cls(**kwargs)
 
 
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    # A killed job must never leave a half-written file that a rerun would take as complete.
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
 def write_utterances(path: str | os.PathLike, utts: list[Utterance]) -> None:
     """Write utterances as a JSON list of dicts (atomic)."""
-    _atomic_write_text(path, json.dumps([u.to_dict() for u in utts], indent=1, ensure_ascii=False) + "\n")
+    write_text(path, json.dumps([u.to_dict() for u in utts], indent=1, ensure_ascii=False) + "\n")
 
 
 def read_utterances(path: str | os.PathLike) -> list[Utterance]:
@@ -161,7 +151,7 @@ class DataReport:
         return json.loads(json.dumps(self._splits))  # deep copy; callers cannot mutate the report
 
     def write(self, path: str | os.PathLike) -> None:
-        _atomic_write_text(path, json.dumps(self._splits, indent=2, ensure_ascii=False) + "\n")
+        write_text(path, json.dumps(self._splits, indent=2, ensure_ascii=False) + "\n")
 
 
 def _split_dir(root: Path, split: str) -> Path:

@@ -10,8 +10,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -149,19 +147,3 @@ def parse_settings_arg(value: str) -> dict:
         return json.loads(value)
     with open(value) as f:
         return yaml.safe_load(f)
-
-
-def write_text_atomic(path: str | os.PathLike, text: str) -> None:
-    """Write text next to its final name, then rename, so a crash never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.chmod(tmp, 0o644)  # mkstemp creates 0600; results are meant to be shared
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: str | os.PathLike, data: Any) -> None:
-    """JSON through write_text_atomic (indented, keys sorted)."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")

@@ -1,12 +1,13 @@
 """Pieces shared by the stages that train or run Whisper on utterances: batches, precision, resume.
 
-Both LoRA training stages (experts, joint ASR) keep their own loop (one recipe per file); what they
-share is how an utterance becomes a batch and how a resume checkpoint is written and read.
+How an utterance becomes a batch, how precision is set up, and how a resume checkpoint is written and
+read. The training loop itself, shared by expert pretraining and joint training, is train_loop.py.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import os
@@ -19,10 +20,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from workflow_scripts.atomic import atomic_dir, atomic_file
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import Utterance, load_audio
 from workflow_scripts.scoring import training_text
-from workflow_scripts.settings import write_json_atomic
 from workflow_scripts.whisper_io import HALF_DTYPES, PRECISIONS, input_features, label_ids, use_encoder_windows
 from workflow_scripts.windows import batch_plan, clip_samples, window_ladder
 
@@ -133,18 +134,48 @@ def prepare_precision(model: torch.nn.Module, precision: str, device: torch.devi
                 p.data = p.data.to(HALF_DTYPES[precision])
 
 
+# A resume checkpoint ends with the SHA-256 of everything before it and this tag. A file cut short or
+# damaged on disk (a crash during a write on a filesystem without atomic rename, a bad sector) is then
+# recognised before any of it is loaded, never loaded half.
+CHECKPOINT_TAG = b"moe-resume-v1"
+_TRAILER = 32 + len(CHECKPOINT_TAG)
+
+
+def previous_checkpoint(path: Path) -> Path:
+    """Where save_resume keeps the checkpoint it replaces: the fallback when the newest one is damaged."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
 def save_resume(path: Path, state: dict) -> None:
-    """Resume checkpoint (weights, optimizer, scheduler, position, RNG), written atomically.
+    """Resume checkpoint (weights, optimizer, scheduler, position, RNG), written atomically with a
+    checksum; the one it replaces is kept as previous_checkpoint(path).
 
     The RNG state makes dropout after a resume draw what it would have drawn without the crash, so a
     resumed run ends with the same weights as an uninterrupted one.
     """
-    path.parent.mkdir(parents=True, exist_ok=True)
     state = {**state, "fingerprint": fingerprint_of(state["identity"]), "rng": torch.get_rng_state(),
              "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None}
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    payload = buffer.getvalue()
+    with atomic_file(path, keep_previous=previous_checkpoint(path)) as f:
+        f.write(payload)
+        f.write(hashlib.sha256(payload).digest())
+        f.write(CHECKPOINT_TAG)
+
+
+def read_checkpoint(path: Path) -> dict | None:
+    """The state saved by save_resume at `path`, or None (with a warning in the log) when the file is
+    cut short or its checksum does not match."""
+    blob = path.read_bytes()
+    if len(blob) < _TRAILER or not blob.endswith(CHECKPOINT_TAG):
+        log.warning("resume checkpoint %s is damaged (cut short, or not written by this version); skipping it", path)
+        return None
+    payload, digest = blob[:-_TRAILER], blob[-_TRAILER:-len(CHECKPOINT_TAG)]
+    if hashlib.sha256(payload).digest() != digest:
+        log.warning("resume checkpoint %s is damaged (checksum mismatch); skipping it", path)
+        return None
+    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
 
 
 # Settings that do not change what training computes: where it checkpoints, how often it validates,
@@ -188,16 +219,21 @@ def _changes(old: dict, new: dict) -> str:
 
 
 def load_resume(path: Path, identity: dict) -> dict | None:
-    """The checkpoint at `path` if it belongs to the same training (see resume_identity), else None,
-    saying in the log which settings changed."""
-    if not path.exists():
+    """The newest undamaged checkpoint (`path`, else previous_checkpoint(path)) if it belongs to the same
+    training (see resume_identity), else None, saying in the log which settings changed."""
+    for candidate in (path, previous_checkpoint(path)):
+        state = read_checkpoint(candidate) if candidate.exists() else None
+        if state is not None:
+            break
+    else:
+        if path.exists() or previous_checkpoint(path).exists():
+            log.warning("no undamaged resume checkpoint in %s; starting fresh", path.parent)
         return None
-    state = torch.load(path, map_location="cpu", weights_only=False)
     if state.get("fingerprint") != fingerprint_of(identity):
         changed = _changes(state.get("identity", {}), identity) if "identity" in state else "unknown (older checkpoint)"
-        log.warning("resume checkpoint %s belongs to other settings or data (%s); starting fresh", path, changed)
+        log.warning("resume checkpoint %s belongs to other settings or data (%s); starting fresh", candidate, changed)
         return None
-    log.info("resuming from %s (epoch %d, step %d)", path, state["loop"]["epoch"], state["loop"]["global_step"])
+    log.info("resuming from %s (epoch %d, step %d)", candidate, state["loop"]["epoch"], state["loop"]["global_step"])
     torch.set_rng_state(state["rng"])
     if state["cuda_rng"] is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
@@ -208,14 +244,11 @@ def publish_best(best_dir: Path, out: Path, record: dict, processor=None, extra_
     """Copy the best checkpoint to the declared output with its training record (and processor, and
     extra files such as metrics.jsonl), in one rename, so a crash never leaves a half-written output
     that looks complete."""
-    tmp = out.with_name(f".{out.name}.tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(best_dir, tmp)
-    for path in extra_files:
-        if path.exists():
-            shutil.copy2(path, tmp / path.name)
-    if processor is not None:
-        processor.save_pretrained(tmp)
-    write_json_atomic(tmp / "training.json", record)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic_dir(out) as tmp:
+        shutil.copytree(best_dir, tmp, dirs_exist_ok=True)
+        for path in extra_files:
+            if path.exists():
+                shutil.copy2(path, tmp / path.name)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        (tmp / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
