@@ -9,7 +9,6 @@ import logging
 
 import numpy as np
 import pytest
-import torch
 from safetensors.torch import load_file
 
 from workflow_scripts import asr, embeddings, training
@@ -104,6 +103,23 @@ def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_p
     assert a.dtype == np.float16 and a.shape == (8, 64)
     np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
     assert not (tmp_path / "work_b").exists()  # partial rows are removed once the output is complete
+
+
+def test_damaged_partial_embeddings_start_over(utterance_files, tiny_random, tmp_path, monkeypatch, caplog):
+    settings = run_settings()
+    utts = utterance_files / "train.json"
+    embeddings.extract(utts, str(tiny_random), tmp_path / "a", tmp_path / "work_a", settings)
+    monkeypatch.setattr(training, "load_audio", crash_after(5, training.load_audio))
+    with pytest.raises(Crash):
+        embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
+    monkeypatch.undo()
+    partial = tmp_path / "work_b" / "partial.npy"
+    partial.write_bytes(partial.read_bytes()[:100])
+    with caplog.at_level(logging.INFO, logger="embeddings"):
+        embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
+    assert "are damaged" in caplog.text and "resuming" not in caplog.text
+    a, b = np.load(tmp_path / "a" / "embeddings.npy"), np.load(tmp_path / "b" / "embeddings.npy")
+    np.testing.assert_allclose(a.astype(np.float32), b.astype(np.float32), atol=2e-3)
 
 
 def _crashed_run(utterance_files, tiny_random, work, monkeypatch, settings) -> None:

@@ -106,7 +106,11 @@ class PartialStore:
         if meta.get("fingerprint") != self.fingerprint:
             log.info("partial embeddings in %s belong to other settings; starting over", self.dir)
             return None
-        rows = np.load(self.dir / "partial.npy")
+        try:
+            rows = np.load(self.dir / "partial.npy")
+        except (OSError, ValueError, EOFError) as err:  # cut short or damaged on disk: never use half of it
+            log.warning("partial embeddings in %s are damaged (%s); starting over", self.dir, err)
+            return None
         self.last_saved = len(rows)
         log.info("resuming after %d utterances from %s", len(rows), self.dir)
         return rows

@@ -51,8 +51,13 @@ def gate_features(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, spec
     key = hashlib.sha256(json.dumps([spec, [u.id for u in utts]], sort_keys=True).encode()).hexdigest()[:16]
     path = cache_dir / f"gate_inputs_{key}.npy"
     if path.is_file():
-        log.info("gate inputs of %d utterances read from %s", len(utts), path)
-        return torch.from_numpy(np.load(path).astype(np.float32))
+        try:
+            cached = np.load(path)
+        except (OSError, ValueError, EOFError) as err:  # damaged on disk: compute the rows again
+            log.warning("gate input cache %s is damaged (%s); computing it again", path, err)
+        else:
+            log.info("gate inputs of %d utterances read from %s", len(utts), path)
+            return torch.from_numpy(cached.astype(np.float32))
     known, rows = _reusable_rows(embeddings_dir, spec)
     reused = {i: rows[known[u.id]["row"]] for i, u in enumerate(utts) if rows is not None and u.id in known}
     missing = [i for i in range(len(utts)) if i not in reused]
