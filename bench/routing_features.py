@@ -25,7 +25,8 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
-from workflow_scripts.clustering import build_summary, cluster_embeddings, resolve_settings
+from workflow_scripts.cluster_algorithms import build_summary, cluster_embeddings
+from workflow_scripts.clustering import resolve_settings
 from workflow_scripts.sampling import sample_utterances
 from workflow_scripts.sap_data import DataReport, load_audio, read_split
 from workflow_scripts.training import load_base

@@ -1,4 +1,4 @@
-"""Clustering stage: synthetic embeddings with known groups, the HDBSCAN retry/fallback rules, the CLI."""
+"""Clustering: synthetic embeddings with known groups, the HDBSCAN retry/fallback rules, settings, the CLI."""
 
 from __future__ import annotations
 
@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
+from workflow_scripts import cluster_algorithms as A
 from workflow_scripts import cluster_balance, cluster_plot
 from workflow_scripts import clustering as C
+from workflow_scripts.settings import default_run
 
 ETIS = ("ALS", "Parkinson's Disease", "Stroke")
 
@@ -29,8 +31,8 @@ def blobs(n_per: int = 30, k: int = 4, dim: int = 384, seed: int = 0) -> tuple[n
 
 def run(x: np.ndarray, num_experts: int, seed: int = 0, **clustering) -> tuple[np.ndarray, dict]:
     cfg, k, seed = C.resolve_settings({"num_experts": num_experts, "seed": seed, "clustering": clustering})
-    labels, info, reduced = C.cluster_embeddings(x.astype(np.float32), cfg, k, seed)
-    return labels, C.build_summary(labels, info, ["ALS"] * len(labels), reduced)
+    labels, info, reduced = A.cluster_embeddings(x.astype(np.float32), cfg, k, seed)
+    return labels, A.build_summary(labels, info, ["ALS"] * len(labels), reduced)
 
 
 def write_embeddings(folder: Path, x: np.ndarray) -> list[str]:
@@ -108,7 +110,7 @@ def test_too_few_points_for_hdbscan_falls_back_to_spectral() -> None:
 
 def test_too_few_clusters_without_reduction_is_an_error() -> None:
     x = np.random.default_rng(3).normal(size=(6, 64))
-    with pytest.raises(C.ClusteringError, match="reduce_experts is false"):
+    with pytest.raises(A.ClusteringError, match="reduce_experts is false"):
         run(x, num_experts=3, reduce_experts=False)
 
 
@@ -124,6 +126,11 @@ def test_bad_settings_name_the_key() -> None:
         C.resolve_settings({"num_experts": 4, "clustering": {"min_cluster_sise": 3}})
     with pytest.raises(C.ClusteringError, match="clustering.reduce"):
         C.resolve_settings({"num_experts": 4, "clustering": {"reduce": "tsne"}})
+
+
+def test_defaults_are_the_schema_defaults() -> None:
+    cfg, num_experts, seed = C.resolve_settings({"num_experts": 4})
+    assert cfg == default_run()["clustering"] and (num_experts, seed) == (4, default_run()["seed"])
 
 
 def test_mapping_mismatch_names_the_file(tmp_path: Path) -> None:
@@ -154,7 +161,7 @@ def test_cli_end_to_end(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     x, y = blobs()
     etis = write_embeddings(tmp_path / "embeddings", x)
     settings = tmp_path / "settings.json"
-    settings.write_text(json.dumps({"seed": 0, "num_experts": 4, "clustering": {"plot": True}}))
+    settings.write_text(json.dumps({"seed": 0, "num_experts": 4, "clustering": {}}))
     base = [sys.executable, "-m", "workflow_scripts.clustering"]
     emb = ["--embeddings-dir", str(tmp_path / "embeddings")]
     out = tmp_path / "out"
@@ -217,8 +224,8 @@ def test_speaker_level_routes_on_the_speaker_not_the_prompt() -> None:
     summaries = {}
     for level in ("utterance", "speaker"):
         cfg, k, seed = C.resolve_settings({"num_experts": 3, "clustering": {"algorithm": "kmeans", "level": level}})
-        labels, info, reduced = C.cluster_embeddings(x.astype(np.float32), cfg, k, seed, speakers)
-        summaries[level] = C.build_summary(labels, info, etis, reduced)
+        labels, info, reduced = A.cluster_embeddings(x.astype(np.float32), cfg, k, seed, speakers)
+        summaries[level] = A.build_summary(labels, info, etis, reduced)
     by_speaker: dict[str, set[int]] = {}
     for spk, lab in zip(speakers, labels.tolist(), strict=True):
         by_speaker.setdefault(spk, set()).add(lab)
@@ -232,8 +239,8 @@ def test_speaker_level_routes_on_the_speaker_not_the_prompt() -> None:
 def test_speaker_level_needs_speakers() -> None:
     x, _, _ = speakers_reading_prompts()
     cfg, k, seed = C.resolve_settings({"num_experts": 3, "clustering": {"level": "speaker"}})
-    with pytest.raises(C.ClusteringError, match="level: speaker needs the speaker"):
-        C.cluster_embeddings(x, cfg, k, seed)
+    with pytest.raises(A.ClusteringError, match="level: speaker needs the speaker"):
+        A.cluster_embeddings(x, cfg, k, seed)
 
 
 def test_kmeans_gives_exactly_num_experts_clusters() -> None:
@@ -271,11 +278,11 @@ def test_cap_moves_the_cheapest_units_to_the_nearest_cluster_with_room() -> None
 def test_impossible_share_names_the_key_and_the_smallest_value() -> None:
     with pytest.raises(C.ClusteringError, match=r"max_cluster_share=0.2 is impossible.*smallest allowed value .* 0.25"):
         C.resolve_settings({"num_experts": 4, "clustering": {"max_cluster_share": 0.2}})
-    with pytest.raises(C.ClusteringError, match=r"max_cluster_share=0: give a number in \(0, 1\]"):
+    with pytest.raises(C.ClusteringError, match=r"clustering.max_cluster_share: 0 is less than or equal"):
         C.resolve_settings({"num_experts": 4, "clustering": {"max_cluster_share": 0}})
     # Allowed for 3 experts, but HDBSCAN finds only 2 clusters: the cap cannot be met.
     x, _ = blobs(k=2)
-    with pytest.raises(C.ClusteringError, match=r"2 clusters were found.*1/2 = 0.5"):
+    with pytest.raises(A.ClusteringError, match=r"2 clusters were found.*1/2 = 0.5"):
         run(x, num_experts=3, max_cluster_share=0.4, min_experts=2)
 
 
@@ -283,10 +290,10 @@ def test_nmi_and_ari_against_etiology() -> None:
     etis = [ETIS[i % 3] for i in range(30)]
     same = np.array([i % 3 for i in range(30)])
     z = np.random.default_rng(0).normal(size=(30, 2))
-    summary = C.build_summary(same, {}, etis, z)
+    summary = A.build_summary(same, {}, etis, z)
     assert summary["nmi_etiology"] == pytest.approx(1.0) and summary["ari_etiology"] == pytest.approx(1.0)
     # Each etiology split evenly over two clusters: the clusters say nothing about etiology.
-    other = C.build_summary(np.array([(i // 3) % 2 for i in range(30)]), {}, etis, z)
+    other = A.build_summary(np.array([(i // 3) % 2 for i in range(30)]), {}, etis, z)
     assert other["nmi_etiology"] == pytest.approx(0.0, abs=1e-9) and other["ari_etiology"] <= 0
 
 

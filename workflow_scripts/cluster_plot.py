@@ -4,7 +4,7 @@
         --out cluster_plot.png --settings JSON [--summary clusters.json]
 
 A separate step from `workflow_scripts.clustering cluster`, so that the workflow can drop the plot rule
-(`clustering.plot: false`) without touching the labels. The projection is `clustering.plot_method`
+(`plot: false`) without touching the labels. The projection is `clustering.plot_method`
 (`pca` or `umap`) of the standardised embeddings; `--summary` gives the algorithm and level actually
 used for the title (the settings' values otherwise).
 """
@@ -18,13 +18,8 @@ import logging
 import numpy as np
 
 from workflow_scripts.atomic import atomic_file
-from workflow_scripts.clustering import (
-    ClusteringError,
-    load_embeddings,
-    resolve_settings,
-    settings_or_exit,
-    umap_reduce,
-)
+from workflow_scripts.cluster_algorithms import ClusteringError, umap_reduce
+from workflow_scripts.clustering import load_embeddings, resolve_settings, settings_or_exit
 
 
 def project_2d(emb: np.ndarray, method: str, seed: int) -> np.ndarray:

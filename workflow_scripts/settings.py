@@ -74,6 +74,16 @@ def _validate_run(entry: dict, schema: dict, where: str) -> None:
                             "See config/schema.yaml for allowed values.")
 
 
+def with_schema_defaults(entry: dict, where: str) -> dict:
+    """A partial run entry, validated against the schema, with every key it leaves out at its schema default.
+
+    For a stage's own settings, which its CLI may be given by hand with only the keys it reads.
+    """
+    schema = load_schema()
+    _validate_run(entry, schema, where)
+    return _merge(_run_defaults(schema), entry)
+
+
 def check_runs(config: dict) -> None:
     """Every run entry against the schema, with an error that names the run and the key first (Snakemake's
     own validation would print the whole schema before the key)."""
