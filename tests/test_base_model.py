@@ -15,7 +15,7 @@ import soundfile as sf
 import torch
 from safetensors.torch import load_file
 
-from workflow_scripts import base_model, whisper_io
+from workflow_scripts import base_model, ct2_convert, whisper_io
 from workflow_scripts.base_model import BaseModelError, load_whisper, materialize
 from workflow_scripts.model_specs import resolve_base_model
 from workflow_scripts.windows import window_ladder
@@ -215,8 +215,8 @@ def test_resolve_base_model(tmp_path):
 def test_truncated_model_bin_is_reported():
     data = (base_model._locate_bundle("tiny.en")[1][0]).read_bytes()
     with pytest.raises(BaseModelError, match="truncated"):
-        base_model.read_ct2_model(data[: len(data) // 2], "part.bin")
-    assert len(base_model.read_ct2_model(data)) > 100
+        ct2_convert.read_ct2_model(data[: len(data) // 2], "part.bin")
+    assert len(ct2_convert.read_ct2_model(data)) > 100
 
 
 def test_unusable_small_bundle_fails_with_advice(tmp_path):

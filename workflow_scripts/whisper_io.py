@@ -155,14 +155,15 @@ def pooled_embeddings(model: WhisperForConditionalGeneration, features: torch.Te
     return pooled_layers(model, features, num_samples, pooling, [layer])[0]
 
 
-def _is_multilingual(vocab_size: int) -> bool:
+def is_multilingual(vocab_size: int) -> bool:
+    """Whether a vocabulary of this size has language and task tokens (not an English-only *.en model)."""
     return vocab_size >= MULTILINGUAL_MIN_VOCAB
 
 
 def prefix_token_ids(processor: WhisperProcessor) -> list[int]:
     """Decoder prompt after <|startoftranscript|>: [<|en|>, <|transcribe|>,] <|notimestamps|>."""
     tok = processor.tokenizer
-    names = ["<|en|>", "<|transcribe|>"] if _is_multilingual(len(tok)) else []
+    names = ["<|en|>", "<|transcribe|>"] if is_multilingual(len(tok)) else []
     return tok.convert_tokens_to_ids([*names, "<|notimestamps|>"])
 
 
@@ -186,7 +187,7 @@ def label_ids(processor: WhisperProcessor, texts: Sequence[str]) -> torch.Tensor
 def generate_kwargs(model: WhisperForConditionalGeneration, num_samples: int | Sequence[int]) -> dict:
     """Greedy `generate()` settings for a batch whose longest clip has max(num_samples) samples."""
     longest = num_samples if isinstance(num_samples, int) else max(num_samples)
-    multilingual = _is_multilingual(model.config.vocab_size)
+    multilingual = is_multilingual(model.config.vocab_size)
     prompt_len = 4 if multilingual else 2  # <|startoftranscript|> [lang task] <|notimestamps|>
     budget = math.ceil(TOKENS_PER_SECOND * longest / SAMPLE_RATE) + TOKEN_MARGIN
     kwargs: dict = {
