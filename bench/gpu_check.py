@@ -21,9 +21,16 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from workflow_scripts.moe import GateMLP, MoEWhisper
+from workflow_scripts.sap_data import SAMPLE_RATE
 from workflow_scripts.training import prepare_precision
 from workflow_scripts.whisper_io import autocast, use_encoder_windows
-from workflow_scripts.windows import SAMPLE_RATE, batch_plan, sap_like_durations, window_ladder
+from workflow_scripts.windows import (
+    MEL_FRAMES_PER_POSITION,
+    POSITIONS_PER_SECOND,
+    batch_plan,
+    sap_like_durations,
+    window_ladder,
+)
 
 LARGE_V2 = dict(vocab_size=51865, num_mel_bins=80, d_model=1280, encoder_layers=32, decoder_layers=32,
                 encoder_attention_heads=20, decoder_attention_heads=20, encoder_ffn_dim=5120, decoder_ffn_dim=5120,
@@ -43,7 +50,8 @@ def step_batches(seconds: np.ndarray, ladder: list[float], batch_size: int, conf
     for batch in plan:
         longest = max(seconds[i] for i in batch)
         window = next(w for w in ladder if longest <= w)
-        feats = torch.randn(len(batch), config.num_mel_bins, round(window * 100), device=device)
+        mel_frames = round(window * POSITIONS_PER_SECOND) * MEL_FRAMES_PER_POSITION
+        feats = torch.randn(len(batch), config.num_mel_bins, mel_frames, device=device)
         tokens = max(4, round(TOKENS_PER_SECOND * longest))
         labels = torch.randint(0, config.vocab_size, (len(batch), tokens), device=device)
         out.append((feats, labels, float(sum(seconds[i] for i in batch)), window))
@@ -53,7 +61,7 @@ def step_batches(seconds: np.ndarray, ladder: list[float], batch_size: int, conf
 def step_flops(config: WhisperConfig, batch_size: int, window: float, tokens: int) -> float:
     """Forward + backward FLOPs of one step with a frozen base: the backward pass computes activation
     gradients (about one more forward) but no weight gradients for frozen weights, so ~2x forward."""
-    d, frames = config.d_model, round(window * 50)
+    d, frames = config.d_model, round(window * POSITIONS_PER_SECOND)
     enc_params = config.encoder_layers * (4 * d * d + 2 * d * config.encoder_ffn_dim)
     dec_params = config.decoder_layers * (8 * d * d + 2 * d * config.decoder_ffn_dim) + d * config.vocab_size
     forward = (2 * enc_params * frames + 4 * config.encoder_layers * frames * frames * d

@@ -35,10 +35,10 @@ import torch
 from workflow_scripts.atomic import write_json
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.moe import GateMLP, MoEWhisper
-from workflow_scripts.sap_data import Utterance
+from workflow_scripts.sap_data import SAMPLE_RATE, Utterance
 from workflow_scripts.training import load_base
 from workflow_scripts.whisper_io import input_features, label_ids, pooled_embeddings
-from workflow_scripts.windows import SAMPLE_RATE, batch_plan, sap_like_durations, window_ladder
+from workflow_scripts.windows import batch_plan, sap_like_durations, window_ladder
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "results" / "_models" / "tiny.en"

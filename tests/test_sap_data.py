@@ -16,6 +16,7 @@ from workflow_scripts.sap_data import (
     read_utterances,
     write_utterances,
 )
+from workflow_scripts.settings import default_run
 
 
 def write_tone(path: Path, seconds: float = 0.5, rate: int = 16000, channels: int = 1, freq: float = 440.0):
@@ -311,3 +312,8 @@ def test_read_utterances_bad_file(tmp_path):
     path.write_text("{not json")
     with pytest.raises(DataError, match="utts.json"):
         read_utterances(path)
+
+
+def test_etiologies_are_the_schema_default():
+    # config/schema.yaml documents the default `etiologies`; the reader's default must be the same list.
+    assert default_run()["etiologies"] == list(ETIOLOGIES)

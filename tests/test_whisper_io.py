@@ -14,9 +14,9 @@ from transformers.models.whisper.modeling_whisper import shift_tokens_right
 
 from workflow_scripts import whisper_io
 from workflow_scripts.base_model import load_whisper, materialize
+from workflow_scripts.sap_data import SAMPLE_RATE as SR
 
 torch.set_num_threads(2)
-SR = whisper_io.SAMPLE_RATE
 LADDER = [5.0, 10.0, 20.0, 30.0]
 
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
+from workflow_scripts.sap_data import SAMPLE_RATE
 from workflow_scripts.windows import (
-    SAMPLE_RATE,
     batch_plan,
     fit_ladder,
     sap_like_durations,

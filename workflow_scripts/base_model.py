@@ -25,7 +25,8 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration, Whisper
 from workflow_scripts.atomic import atomic_dir
 from workflow_scripts.ct2_convert import build_generation_config, build_processor, ct2_to_transformers, special_ids
 from workflow_scripts.model_specs import BUNDLES, BaseModelError, Bundle, bundle_name
-from workflow_scripts.windows import NATIVE_WINDOW_S, POSITIONS_PER_SECOND
+from workflow_scripts.sap_data import NATIVE_WINDOW_S
+from workflow_scripts.windows import POSITIONS_PER_SECOND
 
 
 # ------------------------------------------------------------------------------------- materialize

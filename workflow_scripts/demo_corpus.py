@@ -29,9 +29,9 @@ import soundfile as sf
 from scipy.signal import butter, sosfilt
 
 from workflow_scripts.atomic import atomic_dir, write_text
-from workflow_scripts.espeak import SAMPLE_RATE, Voice, synthesize
+from workflow_scripts.espeak import Voice, synthesize
+from workflow_scripts.sap_data import ETIOLOGIES, SAMPLE_RATE, DataReport, load_audio, read_split
 
-ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
 # Per size and etiology: (Train speakers, utterances each, Dev speakers, utterances each).
 SIZES = {"tiny": (3, 3, 1, 2), "small": (3, 20, 1, 20), "medium": (5, 80, 2, 30)}
 VOICES = ("en-us", "en", "en-us+f3", "en-us+m3", "en-GB-x-rp", "en-GB-scotland+f2", "en-us+f2", "en-029")
@@ -365,7 +365,6 @@ def measure_zero_shot(corpus: str | os.PathLike, model_dir: str | None = None, p
     import tokenizers
     from transformers import WhisperFeatureExtractor
 
-    from workflow_scripts.sap_data import DataReport, load_audio, read_split
     from workflow_scripts.scoring import score_corpus
 
     if model_dir is None:

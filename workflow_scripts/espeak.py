@@ -12,9 +12,9 @@ import os
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.signal import resample_poly
 
-SAMPLE_RATE = 16000
+from workflow_scripts.sap_data import resample
+
 _AUDIO_OUTPUT_SYNCHRONOUS = 2
 _CHARS_UTF8 = 1
 _SSML = 0x10
@@ -43,7 +43,7 @@ class Voice:
 
 
 def synthesize(text: str, voice: Voice, seed: int, ssml: bool = False) -> np.ndarray:
-    """Synthesise `text` and return float32 mono audio at 16 kHz in [-1, 1].
+    """Synthesise `text` and return float32 mono audio at the corpus rate (sap_data.SAMPLE_RATE) in [-1, 1].
 
     May be called once per process (see module docstring); a second call raises EspeakError.
     """
@@ -86,7 +86,4 @@ def synthesize(text: str, voice: Voice, seed: int, ssml: bool = False) -> np.nda
     if not chunks:
         raise EspeakError(f"espeak-ng produced no audio for text {text!r}")
     audio = np.concatenate(chunks).astype(np.float32) / 32768.0
-    # 22050 -> 16000 Hz: 16000/22050 = 320/441
-    if rate_hz != 22050:
-        raise EspeakError(f"unexpected espeak-ng sample rate {rate_hz}; expected 22050")
-    return resample_poly(audio, 320, 441).astype(np.float32)
+    return resample(audio, rate_hz).astype(np.float32)  # espeak-ng speaks at 22050 Hz

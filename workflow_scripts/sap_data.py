@@ -1,6 +1,6 @@
 """Read Speech Accessibility Project (SAP) speaker manifests into utterance records.
 
-Layout (DESIGN.md §2)::
+Layout of a SAP release, which the synthetic corpus (workflow_scripts/demo_corpus.py) copies::
 
     <root>/<Split>/<ContributorID>/<ContributorID>.json
     <root>/<Split>/<ContributorID>/<ContributorID>_<n1>_<n2>_16kHz.wav
@@ -38,7 +38,11 @@ from workflow_scripts.atomic import write_text
 
 log = logging.getLogger(__name__)
 
+# Whisper's input: 16 kHz mono, at most 30 s (its own encoder window). Every module that handles audio
+# imports these from here, the lowest module that reads audio.
 SAMPLE_RATE = 16000
+NATIVE_WINDOW_S = 30.0
+# The etiologies SAP labels; config/schema.yaml's `etiologies` default lists the same (tests check it).
 ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
 MANIFEST_KEYS = ("Contributor ID", "Etiology", "Files")
 SKIP_REASONS = (
@@ -203,12 +207,12 @@ def read_split(
     report: DataReport,
     *,
     etiologies: tuple[str, ...] | list[str] = ETIOLOGIES,
-    max_duration_s: float = 30.0,
+    max_duration_s: float = NATIVE_WINDOW_S,
 ) -> list[Utterance]:
     """Read every usable utterance of ``<root>/<split>``, sorted by id; count the rest in ``report``.
 
-    Clips longer than ``max_duration_s`` (Whisper's 30 s window) are skipped (``too_long``) rather than
-    silently truncated.
+    Clips longer than ``max_duration_s`` (by default Whisper's 30 s window) are skipped (``too_long``)
+    rather than silently truncated.
     """
     root = Path(root).resolve()
     split_dir = _split_dir(root, split)
@@ -282,8 +286,12 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
         audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as e:
         raise DataError(f"cannot decode audio {path}: {e}; replace or remove the file") from e
-    audio = audio.mean(axis=1)
-    if rate != SAMPLE_RATE:
-        g = math.gcd(SAMPLE_RATE, rate)
-        audio = resample_poly(audio, SAMPLE_RATE // g, rate // g)
-    return np.ascontiguousarray(audio, dtype=np.float32)
+    return np.ascontiguousarray(resample(audio.mean(axis=1), rate), dtype=np.float32)
+
+
+def resample(audio: np.ndarray, rate: int) -> np.ndarray:
+    """Mono `audio` recorded at `rate` Hz, at SAMPLE_RATE (polyphase filter, exact ratio)."""
+    if rate == SAMPLE_RATE:
+        return audio
+    g = math.gcd(SAMPLE_RATE, rate)
+    return resample_poly(audio, SAMPLE_RATE // g, rate // g)

@@ -15,14 +15,21 @@ import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from workflow_scripts.windows import POSITIONS_PER_SECOND, batch_plan, fit_ladder, window_index
+from workflow_scripts.sap_data import SAMPLE_RATE
+from workflow_scripts.windows import (
+    MEL_FRAMES_PER_POSITION,
+    POSITIONS_PER_SECOND,
+    batch_plan,
+    fit_ladder,
+    window_index,
+)
 
-SAMPLE_RATE = 16000
-SAMPLES_PER_ENCODER_FRAME = 320  # mel hop 160 samples, then the stride-2 conv2
+SAMPLES_PER_ENCODER_FRAME = SAMPLE_RATE // POSITIONS_PER_SECOND  # 320
 # Greedy decoding can loop ("blah blah ..."); bound new tokens by duration. English speech is
 # ~3-4 BPE tokens/s even when fast; 6/s plus a margin never cuts a real transcript short.
 TOKENS_PER_SECOND = 6
 TOKEN_MARGIN = 10
+# Multilingual vocabularies have 51865+ ids (language and task tokens); English-only (*.en) ones 51864.
 MULTILINGUAL_MIN_VOCAB = 51865
 
 
@@ -39,14 +46,14 @@ def autocast(precision: str, device: torch.device):
 
 def window_seconds(model: WhisperForConditionalGeneration) -> float:
     """The model's own (largest) window in seconds: 30 for stock Whisper."""
-    return model.config.max_source_positions * SAMPLES_PER_ENCODER_FRAME / SAMPLE_RATE
+    return model.config.max_source_positions / POSITIONS_PER_SECOND
 
 
 def use_encoder_windows(model: WhisperForConditionalGeneration, ladder: Sequence[float]) -> list[float]:
     """Let the encoder run on any window of `ladder` (seconds, capped at the model's own window).
 
-    `transformers` insists on exactly 2 x max_source_positions input frames and adds every row of the
-    positional embedding. For the length of one forward pass, both are set to the input's window, so
+    `transformers` insists on exactly the mel frames of max_source_positions positions and adds every row
+    of the positional embedding. For the length of one forward pass, both are set to the input's window, so
     the encoder uses the first rows of its positions (as icefall and wenet do); afterwards the config
     is the model's own again, which `generate()` needs to treat the input as one short-form segment.
     Returns the ladder in use, also kept as `model.config.encoder_windows_s`.
@@ -59,7 +66,7 @@ def use_encoder_windows(model: WhisperForConditionalGeneration, ladder: Sequence
     if getattr(encoder, "_window_hooks", None) is None:
         def enter(module, args, kwargs):
             features = args[0] if args else kwargs["input_features"]
-            positions = features.shape[-1] // 2
+            positions = features.shape[-1] // MEL_FRAMES_PER_POSITION
             if positions > native:
                 raise ValueError(f"encoder input of {positions / POSITIONS_PER_SECOND:g} s exceeds the model's "
                                  f"{native / POSITIONS_PER_SECOND:g} s window")

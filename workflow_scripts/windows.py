@@ -17,9 +17,12 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-SAMPLE_RATE = 16000
-POSITIONS_PER_SECOND = 50  # encoder positions per second of audio (mel hop 10 ms, conv stride 2)
-NATIVE_WINDOW_S = 30.0  # Whisper's own window; clips longer than this are skipped and counted
+from workflow_scripts.sap_data import NATIVE_WINDOW_S, SAMPLE_RATE
+
+# Whisper's encoder runs at 50 positions per second of audio: log-mel frames every 10 ms (100 per
+# second), halved by the stride-2 second convolution.
+POSITIONS_PER_SECOND = 50
+MEL_FRAMES_PER_POSITION = 2
 
 
 def window_ladder(setting: float | Sequence[float]) -> list[float]:
