@@ -29,5 +29,5 @@ rule eval:
     shell:
         "(python -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
         " --base-model {params.model} --out-dir results/{wildcards.run}/eval"
-        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q}"
+        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} --update-model-card"
         " && python -m workflow_scripts.report_html eval {output.metrics} {output.scores}) > {log} 2>&1"

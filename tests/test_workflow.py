@@ -183,6 +183,19 @@ def test_end_to_end_outputs(finished_run):
         assert (run / "benchmarks" / f"{rule}.tsv").exists()
 
 
+def test_model_card_carries_the_dev_scores_of_eval(finished_run):
+    """asr_best/README.md says what the model is and, once eval has run, its Dev WER and CER per etiology
+    (the same numbers as eval/metrics.json); a run without eval would show where they will come from."""
+    run = finished_run / "results" / "t"
+    card = (run / "asr_best" / "README.md").read_text()
+    record = json.loads((run / "asr_best" / "training.json").read_text())
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    assert f"Base model: `{record['base_model']}`" in card and f"Experts: {record['num_experts']} LoRA" in card
+    for name, s in [("all", metrics["overall"]), *metrics["per_etiology"].items()]:
+        assert f"| {name} | {100 * s['wer']:.2f} | {100 * s['cer']:.2f} | {s['n']} |" in card
+    assert "not yet measured" not in card
+
+
 def test_validation_speakers_are_not_training_speakers(finished_run):
     data = finished_run / "results" / "t" / "data"
     speakers = {name: {u["speaker"] for u in json.loads((data / f"{name}.json").read_text())}

@@ -20,13 +20,14 @@ from pathlib import Path
 
 import torch
 
-from workflow_scripts.atomic import atomic_file, write_json
+from workflow_scripts.atomic import atomic_file, write_json, write_text
 from workflow_scripts.decoding import ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus, score_utterance
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
+from workflow_scripts.transcribe import model_card
 
 log = logging.getLogger("eval")
 TSV_COLUMNS = ("id", "speaker", "etiology", "expert", "reference", "hypothesis", "wer")
@@ -85,9 +86,10 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
 
 
 def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, settings: dict,
-             routing: str | None = None, num_workers: int = 0) -> dict:
+             routing: str | None = None, num_workers: int = 0, update_model_card: bool = False) -> dict:
     """Decode with each utterance's expert, routed as in training (or by `routing`, e.g. gate_speaker);
-    audio decoded in `num_workers` DataLoader workers."""
+    audio decoded in `num_workers` DataLoader workers. With `update_model_card`, the model folder's
+    README.md gets the Dev scores (the run's own eval; the comparison's variants leave it alone)."""
     record = json.loads((model_dir / "training.json").read_text())
     if Path(record["base_model"]) != Path(base_model):
         raise ValueError(f"{model_dir} was trained on {record['base_model']} but eval was given {base_model}; "
@@ -126,6 +128,10 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
         # The stock model at its native window is the comparison's zero_shot variant.
         extra["baseline"] = score_corpus((u.transcript, b, u.etiology) for u, b in zip(utts, base_hyps, strict=True))
     metrics = write_results(utts, experts, hyps, out_dir, extra)
+    if update_model_card:
+        # Snakemake dates a directory output by its .snakemake_timestamp, so this does not make
+        # asr_best look newer than its dependents.
+        write_text(model_dir / "README.md", model_card(record, metrics))
     print(json.dumps({k: metrics[k] for k in ("overall", "per_etiology", "expert_usage", "baseline", "speaker_routing")
                       if k in metrics},
                      indent=2))
@@ -142,11 +148,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="audio decoding processes (training.num_workers)")
     parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
     parser.add_argument("--routing", choices=ROUTINGS, help="route differently from training (default: as trained)")
+    parser.add_argument("--update-model-card", action="store_true",
+                        help="add the Dev scores to the model folder's README.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     evaluate(args.model, args.utterances, args.base_model, args.out_dir, parse_settings_arg(args.settings),
-             routing=args.routing, num_workers=args.num_workers)
+             routing=args.routing, num_workers=args.num_workers, update_model_card=args.update_model_card)
 
 
 if __name__ == "__main__":

@@ -140,8 +140,9 @@ def transcribe(model: Model, paths: Sequence[str | Path], batch_size: int = 8) -
     return results
 
 
-def model_card(record: dict) -> str:
-    """asr_best/README.md: what the model is, what it was trained on, and how to use it."""
+def model_card(record: dict, metrics: dict | None = None) -> str:
+    """asr_best/README.md: what the model is, what it was trained on, how well it does on Dev (eval's
+    `metrics`, once the eval stage has run) and how to use it."""
     lora = record["settings"]["lora"]
     best = record.get("best_val_wer")
     shared = " plus one shared adapter that every utterance passes through" if lora.get("shared") else ""
@@ -158,8 +159,7 @@ def model_card(record: dict) -> str:
         f"speakers; {record['utterance_passes']} utterance passes of joint training",
         f"- Kept: epoch {record['best_epoch']}, chosen by validation {record['selected_by']}"
         + (f" (validation WER {100 * best:.2f} %)" if best is not None else ""),
-        "- Dev WER and CER per etiology: `../eval/metrics.json`, written by the eval stage "
-        "(`snakemake results/<run>/eval/metrics.json`)",
+        *_dev_scores(metrics),
         "",
         "## Use",
         "",
@@ -177,6 +177,16 @@ def model_card(record: dict) -> str:
         "experts and the gate on a loaded Whisper; `training.json` holds every setting and the training curves.",
         "",
     ])
+
+
+def _dev_scores(metrics: dict | None) -> list[str]:
+    if metrics is None:
+        return ["- Dev WER and CER per etiology: not yet measured; the eval stage "
+                "(`snakemake results/<run>/eval/metrics.json`) writes them here and in `../eval/metrics.json`"]
+    rows = [("all", metrics["overall"]), *metrics["per_etiology"].items()]
+    return ["", "## Dev results (eval stage, SAP scoring rule)", "", "| etiology | WER % | CER % | utterances |",
+            "|---|---|---|---|",
+            *(f"| {name} | {100 * s['wer']:.2f} | {100 * s['cer']:.2f} | {s['n']} |" for name, s in rows)]
 
 
 def main(argv: list[str] | None = None) -> int:
