@@ -3,6 +3,8 @@
 Encoder windows (workflow_scripts/windows.py): `use_encoder_windows` lets the encoder take any window
 of its ladder, its positional embeddings sliced to the input's length; `input_features` pads a batch
 to the smallest window that holds its longest clip. Nothing here assumes 30 s / 3000 frames.
+`base_model.load_whisper` loads a model at its own window; the stages load theirs through
+`training.load_base`, which sets the run's ladder with `use_encoder_windows`.
 """
 
 from __future__ import annotations
