@@ -204,7 +204,8 @@ def _matches(name: str, targets: str | Sequence[str]) -> bool:
 class MoEWhisper(nn.Module):
     """Frozen WhisperForConditionalGeneration + K routed LoRA experts + gate. Injects into base in place."""
 
-    def __init__(self, base_model: nn.Module, num_experts: int, r: int = 8, alpha: float = 16,
+    # r and alpha have no defaults here: the run's come from config/schema.yaml (lora.r, lora.alpha).
+    def __init__(self, base_model: nn.Module, num_experts: int, *, r: int, alpha: float,
                  dropout: float = 0.05, target_modules: str | Sequence[str] = DEFAULT_TARGETS,
                  gate: GateMLP | None = None, weighting: str = "prob", shared: bool = False):
         super().__init__()
