@@ -5,13 +5,8 @@ import sys
 
 import pytest
 
-from workflow_scripts.scoring import (
-    normalize,
-    normalize_hypothesis,
-    score_corpus,
-    score_utterance,
-    training_text,
-)
+from workflow_scripts.sap_text import normalize, normalize_hypothesis, training_text
+from workflow_scripts.scoring import score_corpus, score_utterance
 
 
 def test_markup_gives_two_references():

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, Dataset
 from workflow_scripts.atomic import atomic_dir, atomic_file
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import Utterance, load_audio
-from workflow_scripts.scoring import training_text
+from workflow_scripts.sap_text import training_text
 from workflow_scripts.whisper_io import HALF_DTYPES, PRECISIONS, input_features, label_ids, use_encoder_windows
 from workflow_scripts.windows import batch_plan, clip_samples, window_ladder
 
