@@ -32,7 +32,6 @@ import torch
 
 from workflow_scripts import asr
 from workflow_scripts import eval as evaluation
-from workflow_scripts.atomic import write_json
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg
@@ -108,10 +107,7 @@ def eval_variant(variant: str, utterances: Path, base_model: str, out_dir: Path,
         eval_settings = {**settings, "eval": {**settings["eval"], "baseline": False}}
         routing = "gate_speaker" if variant == "moe_speaker_routing" else None
         metrics = evaluation.evaluate(model, utterances, base_model, out_dir, eval_settings, routing=routing,
-                                      num_workers=num_workers)
-        metrics.update(_cost(model))
-        # Rewritten with the cost fields; the scores and per_utterance.tsv are unchanged.
-        write_json(out_dir / "metrics.json", metrics)
+                                      num_workers=num_workers, more_metrics=_cost(model))
     log.info("%s: WER %.4f on %d utterances", variant, metrics["overall"]["wer"], metrics["overall"]["n"])
     return metrics
 

@@ -86,10 +86,12 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
 
 
 def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, settings: dict,
-             routing: str | None = None, num_workers: int = 0, update_model_card: bool = False) -> dict:
+             routing: str | None = None, num_workers: int = 0, update_model_card: bool = False,
+             more_metrics: dict | None = None) -> dict:
     """Decode with each utterance's expert, routed as in training (or by `routing`, e.g. gate_speaker);
-    audio decoded in `num_workers` DataLoader workers. With `update_model_card`, the model folder's
-    README.md gets the Dev scores (the run's own eval; the comparison's variants leave it alone)."""
+    audio decoded in `num_workers` DataLoader workers. `more_metrics` go into metrics.json as they are.
+    With `update_model_card`, the model folder's README.md gets the Dev scores (the run's own eval; the
+    comparison's variants leave it alone)."""
     record = json.loads((model_dir / "training.json").read_text())
     if Path(record["base_model"]) != Path(base_model):
         raise ValueError(f"{model_dir} was trained on {record['base_model']} but eval was given {base_model}; "
@@ -123,6 +125,7 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
         extra["speaker_routing"] = _speaker_routing(moe, processor, utts, experts, hyps, speaker_routes, cfg, device,
                                                     precision, num_workers)
     extra["decode_seconds"] = round(time.perf_counter() - start, 2)
+    extra.update(more_metrics or {})
     if base_hyps is not None:
         # The frozen base model on the same utterances and window: what the experts gained per etiology.
         # The stock model at its native window is the comparison's zero_shot variant.
