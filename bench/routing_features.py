@@ -25,6 +25,7 @@ import numpy as np
 import torch
 from sklearn.metrics import normalized_mutual_info_score
 
+from workflow_scripts.atomic import write_text
 from workflow_scripts.cluster_algorithms import build_summary, cluster_embeddings
 from workflow_scripts.clustering import resolve_settings
 from workflow_scripts.sampling import sample_utterances
@@ -136,8 +137,7 @@ def write_report(out: Path, results: list[dict], capped: list[dict], meta: dict)
     lines += ["", f"## With `max_cluster_share: {meta['share']}` (utterance level)", "",
               f"At most ceil({meta['share']} × {meta['n']}) utterances per cluster; the rest move to the nearest "
               "cluster with room. Compare with the utterance rows above.", "", *table(capped)]
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    write_text(out, "\n".join(lines) + "\n")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -32,7 +32,7 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from workflow_scripts.atomic import write_json
+from workflow_scripts.atomic import write_json, write_text
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.moe import GateMLP, MoEWhisper
 from workflow_scripts.sap_data import SAMPLE_RATE, Utterance
@@ -218,7 +218,7 @@ def main(argv: list[str] | None = None) -> None:
         e = results[name]
         lines.append(f"| {name} | {e.get('ratio', e.get('seconds'))} | {e['goal']} | {'yes' if e['met'] else 'no'} |")
     table = "\n".join(lines)
-    args.out.with_suffix(".md").write_text(f"# Benchmarks\n\n{results['date']}, {results['machine']}\n\n{table}\n")
+    write_text(args.out.with_suffix(".md"), f"# Benchmarks\n\n{results['date']}, {results['machine']}\n\n{table}\n")
     print(table)
 
 

@@ -27,6 +27,7 @@ from typing import NamedTuple
 
 import torch
 
+from workflow_scripts.atomic import write_text
 from workflow_scripts.decoding import (
     FIXED_ROUTINGS,
     decode_routed,
@@ -322,7 +323,7 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     if rank > 0:
         return record
     card = work_dir / "README.md"
-    card.write_text(model_card(record))
+    write_text(card, model_card(record))
     publish_best(loop["best_dir"], out, record, processor, extra_files=[loop["metrics_path"], card])
     return record
 

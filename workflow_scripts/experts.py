@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
-from workflow_scripts.atomic import write_json
+from workflow_scripts.atomic import atomic_dir, write_json
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import read_gate_file
@@ -138,7 +138,8 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
         # An empty cluster still gets an adapter (LoRA init = the base model) so routing stays valid;
         # the manifest says it was never trained.
         log.warning("expert %d has no training utterances; saving its untrained adapter", expert)
-        model.save_pretrained(work_dir / "best")
+        with atomic_dir(work_dir / "best") as tmp:
+            model.save_pretrained(tmp)
         publish_best(work_dir / "best", out, metrics)
         return metrics
     cfg = settings["experts"]
@@ -185,7 +186,8 @@ class ExpertRecipe:
         return {"val_loss": validation_loss(self.model, self.val_loader, self.device, self.precision)}
 
     def save(self, out_dir: Path) -> None:
-        self.model.save_pretrained(out_dir)
+        with atomic_dir(out_dir) as tmp:
+            self.model.save_pretrained(tmp)
 
     def trainable_state(self) -> dict:
         return get_peft_model_state_dict(self.model)

@@ -29,6 +29,7 @@ from torch import Tensor
 from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
+from workflow_scripts.atomic import write_text
 from workflow_scripts.training import load_resume, save_resume
 
 log = logging.getLogger("train_loop")
@@ -293,6 +294,4 @@ def _truncate_metrics(path: Path, step: int) -> None:
     if not path.exists():
         return
     kept = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text("".join(f"{line}\n" for line in kept))
-    tmp.replace(path)
+    write_text(path, "".join(f"{line}\n" for line in kept))
