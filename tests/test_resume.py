@@ -56,14 +56,21 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
     # 8 utterances, batch 2, accumulation 2: 2 optimizer steps per epoch, 4 in all; run_batch also
     # serves the one validation batch per epoch. Call 8 is the third batch of epoch 2, right after
     # its first optimizer step (step 3) and that step's checkpoint.
-    monkeypatch.setattr(asr, "run_batch", crash_after(7, asr.run_batch))
+    run_batch = asr.run_batch
+    monkeypatch.setattr(asr, "run_batch", crash_after(7, run_batch))
     with pytest.raises(Crash):
         asr.train(train, val, str(tiny_random), tmp_path / "b", tmp_path / "work_b", copy.deepcopy(settings))
     assert (tmp_path / "work_b" / "resume.pt").exists()
     assert not (tmp_path / "b").exists()  # nothing half-written where the output belongs
     monkeypatch.undo()
+    # The resumed run serves only what was left: the last two training batches of epoch 2 and its
+    # validation batch. A run that logged the resume but started over would serve 10.
+    served = []
+    monkeypatch.setattr(asr, "run_batch", lambda *a, **k: served.append(1) or run_batch(*a, **k))
     with caplog.at_level(logging.INFO, logger="training"):
         record = asr.train(train, val, str(tiny_random), tmp_path / "b", tmp_path / "work_b", copy.deepcopy(settings))
+    monkeypatch.undo()
+    assert len(served) == 3
     assert "resuming from" in caplog.text and "epoch 2, step 3" in caplog.text
     assert record["history"][-1]["step"] == 4
     # The per-step curve has no duplicate steps: what was logged after the checkpoint is written once.

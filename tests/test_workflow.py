@@ -234,6 +234,8 @@ def test_joint_training_moves_exactly_the_routed_experts(finished_run):
     record = json.loads((run / "asr_best" / "training.json").read_text())
     usage = np.sum([h["train_expert_usage"] for h in record["history"]], axis=0)
     assert usage.sum() == record["n_train"] * len(record["history"])
+    # With one routed expert only, an "only expert 0 trains" bug (PEFT's set_adapter) would pass unseen.
+    assert (usage > 0).sum() >= 2, usage
     for k, used in enumerate(usage):
         before = load_file(run / "experts" / f"expert_{k}" / "adapter_model.safetensors")
         after = load_file(run / "asr_best" / f"expert_{k}" / "adapter_model.safetensors")
