@@ -23,7 +23,7 @@ Snakemake's lock and changes no file under results/.
 
 CRASH_SEEDS holds one chain (two kills per stage, ten in all); add seeds for more kill points, at the
 cost of one more pipeline each. `pytest -s tests/test_crash.py` prints the matrix of kill points, the
-resumes and the time spent. Known gap (xfail): the per-epoch means in a resumed job's training.json.
+resumes and the time spent.
 """
 
 from __future__ import annotations
@@ -500,9 +500,6 @@ def test_same_seed_gives_the_same_numbers(crash_matrix):
 RECORD_TIMING_FIELDS = ("train_seconds", "pretraining_seconds")
 
 
-@pytest.mark.xfail(reason="train_loop.fit keeps an epoch's sums (train_loss, train_*_loss, train_expert_usage) in "
-                          "memory only: after a mid-epoch resume the epoch's history entry covers only the batches "
-                          "after the checkpoint. Weights and metrics.jsonl are exact.")
 def test_resumed_training_records_equal_uninterrupted_ones(crash_matrix):
     reference, chains, _ = crash_matrix
     ref = reference / "results" / RUN

@@ -51,7 +51,8 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
                                                             caplog):
     settings = run_settings()
     train, val = utterance_files / "train.json", utterance_files / "val.json"
-    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
+    uninterrupted = asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a",
+                              copy.deepcopy(settings))
 
     # 8 utterances, batch 2, accumulation 2: 2 optimizer steps per epoch, 4 in all; run_batch also
     # serves the one validation batch per epoch. Call 8 is the third batch of epoch 2, right after
@@ -73,6 +74,8 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
     assert len(served) == 3
     assert "resuming from" in caplog.text and "epoch 2, step 3" in caplog.text
     assert record["history"][-1]["step"] == 4
+    # The epoch the crash cut keeps its whole means and expert usage, not only the batches after the checkpoint.
+    assert record["history"] == uninterrupted["history"]
     # The per-step curve has no duplicate steps: what was logged after the checkpoint is written once.
     steps = [[json.loads(x)["step"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
              for out in ("a", "b")]

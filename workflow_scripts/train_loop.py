@@ -167,6 +167,11 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
                    mininterval=30, file=sys.stderr, disable=not rank0)
         sums: dict[str, Tensor] = {}
         seen, windows, units, step_utts, bad = 0, 0, 0, 0, torch.zeros((), dtype=torch.bool, device=device)
+        partial = st.get("partial") if skip else None
+        if partial:  # resumed mid-epoch: the epoch's and the log interval's sums so far, as if never stopped
+            sums, interval = _on(partial["sums"], device), _on(partial["interval"], device)
+            seen, windows, micro = partial["seen"], partial["windows"], partial["micro"]
+            interval_utts, interval_steps = partial["interval_utts"], partial["interval_steps"]
         for i, batch in enumerate(loader(plan[skip:]), start=skip):
             n = len(batch["index"])
             if n == 0:  # this rank's share of a small global batch: it still joins the step's all-reduce
@@ -236,6 +241,9 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
                 flush(epoch)
             if st["global_step"] % tcfg["checkpoint_every_steps"] == 0 and i + 1 < n_batches:
                 st["batch_in_epoch"] = i + 1
+                st["partial"] = {"sums": _on(sums, "cpu"), "interval": _on(interval, "cpu"), "seen": seen,
+                                 "windows": windows, "micro": micro, "interval_utts": interval_utts,
+                                 "interval_steps": interval_steps}
                 checkpoint()
         if interval_steps:  # the epoch's last, shorter interval
             flush(epoch)
@@ -262,7 +270,7 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
             recipe.save(work_dir / f"epoch_{epoch}")
         st["history"].append(entry)
         log.info("%s epoch %s", name, entry)
-        st["epoch"], st["batch_in_epoch"] = epoch + 1, 0
+        st["epoch"], st["batch_in_epoch"], st["partial"] = epoch + 1, 0, None
         checkpoint()
     if rank0 and not best_dir.exists():
         # Validation never improved on +inf (a non-finite loss): keep the last weights, flagged.
@@ -272,6 +280,10 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
             "utterance_passes": st["utterance_passes"], "skipped_steps": st["skipped_steps"],
             "train_seconds": round(st["train_seconds"] + time.perf_counter() - started, 2), "best_dir": best_dir,
             "metrics_path": metrics_path}
+
+
+def _on(values: dict[str, Tensor], device) -> dict[str, Tensor]:
+    return {key: value.to(device) for key, value in values.items()}
 
 
 def _read_out(interval: dict, micro: int, st: dict, epoch: int, lr: list[float], utts: int, since: float,
