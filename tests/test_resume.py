@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -47,12 +48,20 @@ def run_settings(**overrides) -> dict:
     return settings
 
 
+@pytest.fixture(scope="module")
+def uninterrupted(utterance_files, tiny_random, tmp_path_factory) -> tuple[Path, dict]:
+    """One uninterrupted joint training with run_settings(): the reference the crashed runs must equal."""
+    out = tmp_path_factory.mktemp("uninterrupted")
+    record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random), out / "a",
+                       out / "work_a", run_settings())
+    return out / "a", record
+
+
 def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tiny_random, tmp_path, monkeypatch,
-                                                            caplog):
+                                                            caplog, uninterrupted):
     settings = run_settings()
     train, val = utterance_files / "train.json", utterance_files / "val.json"
-    uninterrupted = asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a",
-                              copy.deepcopy(settings))
+    reference, reference_record = uninterrupted
 
     # 8 utterances, batch 2, accumulation 2: 2 optimizer steps per epoch, 4 in all; run_batch also
     # serves the one validation batch per epoch. Call 8 is the third batch of epoch 2, right after
@@ -75,18 +84,18 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
     assert "resuming from" in caplog.text and "epoch 2, step 3" in caplog.text
     assert record["history"][-1]["step"] == 4
     # The epoch the crash cut keeps its whole means and expert usage, not only the batches after the checkpoint.
-    assert record["history"] == uninterrupted["history"]
+    assert record["history"] == reference_record["history"]
     # The per-step curve has no duplicate steps: what was logged after the checkpoint is written once.
-    steps = [[json.loads(x)["step"] for x in (tmp_path / out / "metrics.jsonl").read_text().splitlines()]
-             for out in ("a", "b")]
+    steps = [[json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines()]
+             for out in (reference, tmp_path / "b")]
     assert steps[0] == steps[1] == sorted(set(steps[0]))
 
     for k in range(3):
-        a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")
+        a = load_file(reference / f"expert_{k}" / "adapter_model.safetensors")
         b = load_file(tmp_path / "b" / f"expert_{k}" / "adapter_model.safetensors")
         for name in a:
             np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
-    gate_a, _ = read_gate_file(tmp_path / "a" / "gate.pt")
+    gate_a, _ = read_gate_file(reference / "gate.pt")
     gate_b, _ = read_gate_file(tmp_path / "b" / "gate.pt")
     for (name, pa), pb in zip(gate_a.state_dict().items(), gate_b.state_dict().values(), strict=True):
         np.testing.assert_allclose(pa.numpy(), pb.numpy(), rtol=0, atol=1e-6, err_msg=name)
@@ -141,18 +150,17 @@ def _crashed_run(utterance_files, tiny_random, work, monkeypatch, settings) -> N
 
 
 def test_harmless_setting_changes_resume_instead_of_restarting(utterance_files, tiny_random, tmp_path, monkeypatch,
-                                                                caplog):
+                                                                caplog, uninterrupted):
     """Workers, validation and checkpoint intervals do not change what training computes: a crashed run
     whose profile changed them carries on from its checkpoint and ends where it would have ended."""
     settings = run_settings()
     train, val = utterance_files / "train.json", utterance_files / "val.json"
-    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
     _crashed_run(utterance_files, tiny_random, tmp_path / "b", monkeypatch, settings)
     changed = run_settings(training={"num_workers": 1, "save_every_n_epochs": 1, "patience": 9})
     with caplog.at_level(logging.INFO, logger="training"):
         asr.train(train, val, str(tiny_random), tmp_path / "b" / "out", tmp_path / "b" / "work", changed)
     assert "resuming from" in caplog.text and "starting fresh" not in caplog.text
-    a = load_file(tmp_path / "a" / "expert_0" / "adapter_model.safetensors")
+    a = load_file(uninterrupted[0] / "expert_0" / "adapter_model.safetensors")
     b = load_file(tmp_path / "b" / "out" / "expert_0" / "adapter_model.safetensors")
     for name in a:
         np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
@@ -192,12 +200,11 @@ def test_mixed_precision_resumes_mid_epoch_to_the_same_model(utterance_files, ti
 
 
 def test_a_damaged_checkpoint_resumes_from_the_previous_one_to_the_same_model(utterance_files, tiny_random, tmp_path,
-                                                                              monkeypatch, caplog):
+                                                                              monkeypatch, caplog, uninterrupted):
     """A crash that also damaged the newest checkpoint (cut short, as a write on a filesystem without
     atomic rename can leave it) costs one more checkpoint interval, never the result."""
     settings = run_settings()
     train, val = utterance_files / "train.json", utterance_files / "val.json"
-    asr.train(train, val, str(tiny_random), tmp_path / "a", tmp_path / "work_a", copy.deepcopy(settings))
     _crashed_run(utterance_files, tiny_random, tmp_path / "b", monkeypatch, settings)
     newest = tmp_path / "b" / "work" / "resume.pt"
     newest.write_bytes(newest.read_bytes()[:1000])
@@ -207,7 +214,7 @@ def test_a_damaged_checkpoint_resumes_from_the_previous_one_to_the_same_model(ut
     assert f"{newest} is damaged" in caplog.text
     assert "previous.pt (epoch 2, step 2)" in caplog.text  # one step before the damaged one (step 3)
     for k in range(3):
-        a = load_file(tmp_path / "a" / f"expert_{k}" / "adapter_model.safetensors")
+        a = load_file(uninterrupted[0] / f"expert_{k}" / "adapter_model.safetensors")
         b = load_file(tmp_path / "b" / "out" / f"expert_{k}" / "adapter_model.safetensors")
         for name in a:
             np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
