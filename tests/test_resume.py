@@ -101,17 +101,21 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
         np.testing.assert_allclose(pa.numpy(), pb.numpy(), rtol=0, atol=1e-6, err_msg=name)
 
 
-def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_path, monkeypatch):
-    settings = run_settings()
-    utts = utterance_files / "train.json"
+def _embeddings_crashed_after_two_batches(utts, tiny_random, tmp_path, monkeypatch, settings) -> None:
+    """An uninterrupted extraction into a/, and one into b/ that crashes after two saved batches of two."""
     embeddings.extract(utts, str(tiny_random), tmp_path / "a", tmp_path / "work_a", settings)
-
     # Audio is decoded by the DataLoader's dataset (training.AudioDataset), here in this process.
     monkeypatch.setattr(training, "load_audio", crash_after(5, training.load_audio))
     with pytest.raises(Crash):
         embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
     assert not (tmp_path / "b" / "mapping.json").exists()
     monkeypatch.undo()
+
+
+def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_path, monkeypatch):
+    settings = run_settings()
+    utts = utterance_files / "train.json"
+    _embeddings_crashed_after_two_batches(utts, tiny_random, tmp_path, monkeypatch, settings)
     # Two batches of two were saved before the crash: the rerun decodes only the other four clips.
     counted = crash_after(10**6, training.load_audio)
     calls = []
@@ -127,11 +131,7 @@ def test_embeddings_resume_from_partial_rows(utterance_files, tiny_random, tmp_p
 def test_damaged_partial_embeddings_start_over(utterance_files, tiny_random, tmp_path, monkeypatch, caplog):
     settings = run_settings()
     utts = utterance_files / "train.json"
-    embeddings.extract(utts, str(tiny_random), tmp_path / "a", tmp_path / "work_a", settings)
-    monkeypatch.setattr(training, "load_audio", crash_after(5, training.load_audio))
-    with pytest.raises(Crash):
-        embeddings.extract(utts, str(tiny_random), tmp_path / "b", tmp_path / "work_b", settings)
-    monkeypatch.undo()
+    _embeddings_crashed_after_two_batches(utts, tiny_random, tmp_path, monkeypatch, settings)
     partial = tmp_path / "work_b" / "partial.npy"
     partial.write_bytes(partial.read_bytes()[:100])
     with caplog.at_level(logging.INFO, logger="embeddings"):
