@@ -20,7 +20,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from workflow_scripts.atomic import atomic_dir, atomic_file
+from workflow_scripts.atomic import atomic_dir, atomic_file, write_json
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.sap_data import Utterance, load_audio
 from workflow_scripts.sap_text import training_text
@@ -251,4 +251,4 @@ def publish_best(best_dir: Path, out: Path, record: dict, processor=None, extra_
                 shutil.copy2(path, tmp / path.name)
         if processor is not None:
             processor.save_pretrained(tmp)
-        (tmp / "training.json").write_text(json.dumps(record, indent=2, sort_keys=True) + "\n")
+        write_json(tmp / "training.json", record)
