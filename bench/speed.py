@@ -3,7 +3,8 @@
 Each entry times two ways of doing the same work and prints their ratio against the goal:
 - window_speedup: joint-training steps (8 experts) at a fixed 30 s window vs bucketed windows
   (5/10/20/30 s), on the same clips with an SAP-like length mix (72 % 1.5-5 s, 23 % 5-15 s,
-  5 % 15-30 s). Goal >= 3x on CPU. Its Dev WER cost is read from the demo runs when they exist.
+  5 % 15-30 s). Goal >= 3x on CPU. Its Dev WER cost (goal <= 2 % relative, with a speaker-level
+  bootstrap interval) is read from the demo_bucketed and demo_window30 runs when both exist.
 - gate_pass_saved: a joint step that runs a second, LoRA-free encoder pass for the gate's input
   (what the research code did) vs one with the cached gate input. Goal >= 1.3x.
 - routing_overhead: an 8-expert routed step vs a 1-LoRA step on the same batch. Goal <= 1.3x.
@@ -33,6 +34,7 @@ import soundfile as sf
 import torch
 
 from workflow_scripts.atomic import write_json, write_text
+from workflow_scripts.compare_report import read_rows, speaker_bootstrap
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.moe import GateMLP, MoEWhisper
 from workflow_scripts.sap_data import SAMPLE_RATE, Utterance
@@ -42,6 +44,7 @@ from workflow_scripts.windows import batch_plan, sap_like_durations, window_ladd
 
 REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "results" / "_models" / "tiny.en"
+WER_COST_GOAL = 0.02  # bucketed windows may cost at most 2 % relative Dev WER against 30 s
 BUCKETED, FIXED = window_ladder([5, 10, 20, 30]), window_ladder(30)
 TEXT = "please put the river next to the farmer"
 
@@ -108,17 +111,28 @@ def timed_epoch(moe: MoEWhisper, data: list[dict], *, second_pass: bool, repeats
 
 
 def demo_wer_cost() -> dict:
-    """Dev WER of the demo run at bucketed windows and at a fixed 30 s window, if both were run."""
-    wers = {}
-    for run in ("demo_bucketed", "demo_window30"):
-        path = REPO / "results" / run / "eval" / "metrics.json"
-        if path.is_file():
-            wers[run] = json.loads(path.read_text())["overall"]["wer"]
-    if len(wers) < 2:
-        return {"dev_wer": wers or None, "note": "run `snakemake --profile profiles/cpu "
-                "results/demo_bucketed/eval/metrics.json results/demo_window30/eval/metrics.json` (about an hour "
-                "each on CPU) to record the WER cost (goal: at most 2 % relative)"}
-    return {"dev_wer": wers, "relative_wer_cost": round(wers["demo_bucketed"] / wers["demo_window30"] - 1, 4)}
+    """Dev WER of the demo run at bucketed windows against a fixed 30 s window, once both have run.
+
+    Neither setting drops a clip of 30 s or less, so both runs score the same Dev utterances and the
+    difference gets the comparison report's speaker-level bootstrap interval: with a few Dev speakers,
+    a cost inside that interval is noise, not a measured cost.
+    """
+    runs = {run: REPO / "results" / run / "eval" for run in ("demo_bucketed", "demo_window30")}
+    if not all((d / "metrics.json").is_file() for d in runs.values()):
+        return {"dev_wer": None, "goal": f"<= {WER_COST_GOAL:.0%} relative",
+                "note": "run `snakemake --profile profiles/cpu results/demo_bucketed/eval/metrics.json "
+                        "results/demo_window30/eval/metrics.json` (about 1 h and 3 h on 2 CPU cores) to record "
+                        "the WER cost"}
+    rows = {run: read_rows(d / "per_utterance.tsv") for run, d in runs.items()}
+    if [r["id"] for r in rows["demo_bucketed"]] != [r["id"] for r in rows["demo_window30"]]:
+        raise SystemExit(f"{runs['demo_bucketed']} and {runs['demo_window30']} scored different Dev utterances; "
+                         "rerun both from the same config/config.yaml")
+    wer = {run: json.loads((d / "metrics.json").read_text())["overall"]["wer"] for run, d in runs.items()}
+    cost = wer["demo_bucketed"] / wer["demo_window30"] - 1
+    low, high = speaker_bootstrap(rows["demo_bucketed"], rows["demo_window30"])
+    return {"dev_wer": {run: round(w, 5) for run, w in wer.items()}, "dev_n": len(rows["demo_bucketed"]),
+            "relative_wer_cost": round(cost, 4), "wer_diff_ci95": [round(low, 5), round(high, 5)],
+            "goal": f"<= {WER_COST_GOAL:.0%} relative", "met": cost <= WER_COST_GOAL}
 
 
 def entry(what: str, a_name: str, a: float, b_name: str, b: float, goal: str, met: bool, **extra) -> dict:
@@ -132,7 +146,7 @@ def window_speedup(clips, batch_size, repeats) -> dict:
     bucketed = timed_epoch(moe, batches(processor, clips, BUCKETED, batch_size), second_pass=False, repeats=repeats)
     ratio = fixed / bucketed
     return entry(f"joint-training epoch of {len(clips)} SAP-like clips, 8 experts: fixed 30 s / bucketed windows",
-                 "fixed_30s_s", fixed, "bucketed_s", bucketed, ">= 3", ratio >= 3, **demo_wer_cost())
+                 "fixed_30s_s", fixed, "bucketed_s", bucketed, ">= 3", ratio >= 3, wer_cost=demo_wer_cost())
 
 
 def gate_pass_saved(clips, batch_size, repeats) -> dict:
@@ -217,6 +231,15 @@ def main(argv: list[str] | None = None) -> None:
     for name in ("window_speedup", "gate_pass_saved", "routing_overhead", "extraction_overhead", "noop_rerun_s"):
         e = results[name]
         lines.append(f"| {name} | {e.get('ratio', e.get('seconds'))} | {e['goal']} | {'yes' if e['met'] else 'no'} |")
+    cost = results["window_speedup"]["wer_cost"]
+    if cost["dev_wer"] is None:
+        lines.append(f"| window_speedup, Dev WER cost | not run | {cost['goal']} | |")
+    else:
+        low, high = cost["wer_diff_ci95"]
+        lines.append(f"| window_speedup, Dev WER cost | {cost['relative_wer_cost']:+.1%} (WER "
+                     f"{cost['dev_wer']['demo_bucketed']:.2%} vs {cost['dev_wer']['demo_window30']:.2%}, difference "
+                     f"95 % [{low * 100:+.2f}, {high * 100:+.2f}] points) | {cost['goal']} | "
+                     f"{'yes' if cost['met'] else 'no'} |")
     table = "\n".join(lines)
     write_text(args.out.with_suffix(".md"), f"# Benchmarks\n\n{results['date']}, {results['machine']}\n\n{table}\n")
     print(table)

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -21,3 +24,43 @@ def test_gpu_check_dry_run_covers_both_precisions_and_window_settings():
                                                                         for b in (True, False)}
     assert all(r["utterances_per_s"] > 0 and r["steps"] == 1 for r in runs)
     assert set(lines[-1]["bucketed_over_30s"]) == {"bf16", "fp16"}
+
+
+def _speed_module():
+    spec = importlib.util.spec_from_file_location("bench_speed", REPO / "bench" / "speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _eval_dir(root: Path, run: str, hyps: list[str], utts: list) -> None:
+    from workflow_scripts.eval import write_results
+
+    write_results(utts, [0] * len(utts), hyps, root / "results" / run / "eval", {})
+
+
+def test_window_wer_cost_reads_both_demo_runs_with_a_speaker_interval(tmp_path, monkeypatch):
+    from workflow_scripts.sap_data import Utterance
+
+    speed = _speed_module()
+    monkeypatch.setattr(speed, "REPO", tmp_path)
+    assert speed.demo_wer_cost()["dev_wer"] is None  # neither run yet: says how to run them
+
+    refs = ["turn on the light", "call my sister", "set a timer", "play some music"] * 3
+    utts = [Utterance(f"u{i}", f"spk{i % 6}", "ALS", "", r, "", "Dev", 2.0) for i, r in enumerate(refs)]
+    _eval_dir(tmp_path, "demo_window30", refs, utts)
+    assert speed.demo_wer_cost()["dev_wer"] is None  # one run is not a comparison
+    # 39 reference words: bucketed drops a word in 2 utterances, 30 s in 1: 2/39 against 1/39.
+    hyps = list(refs)
+    hyps[0], hyps[5] = "turn on the", "call my"
+    _eval_dir(tmp_path, "demo_bucketed", hyps, utts)
+    _eval_dir(tmp_path, "demo_window30", [h if i != 7 else "play music" for i, h in enumerate(refs)], utts)
+    cost = speed.demo_wer_cost()
+    assert cost["dev_wer"] == {"demo_bucketed": round(2 / 39, 5), "demo_window30": round(1 / 39, 5)}
+    assert cost["relative_wer_cost"] == 1.0 and cost["met"] is False and cost["dev_n"] == 12
+    low, high = cost["wer_diff_ci95"]
+    assert low <= 1 / 39 <= high and low < high
+
+    _eval_dir(tmp_path, "demo_window30", refs[:-1], utts[:-1])  # one Dev clip dropped at 30 s
+    with pytest.raises(SystemExit, match="scored different Dev utterances"):
+        speed.demo_wer_cost()
