@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import logging
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,6 +67,23 @@ def test_transcribe_puts_each_clip_in_its_own_window(tiny):
     together = whisper_io.transcribe(model, processor, clips, batch_size=4)
     alone = [whisper_io.transcribe(model, processor, [c], batch_size=1)[0] for c in clips]
     assert together == alone
+
+
+def test_decoding_logs_no_notice_per_batch(tiny):
+    """transformers notes `max_new_tokens` overriding the config's max_length at every generate();
+    a Dev eval would log it once per batch."""
+    model, processor = tiny
+    seen: list[str] = []
+    handler = logging.Handler()
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logger = logging.getLogger("transformers.generation.utils")
+    logger.addHandler(handler)
+    try:
+        assert model.generation_config.max_length is not None  # as in every real Whisper config
+        whisper_io.transcribe(model, processor, [tone(1.0)] * 4, batch_size=1)
+    finally:
+        logger.removeHandler(handler)
+    assert not [m for m in seen if "max_new_tokens" in m]
 
 
 def test_encoder_frames_cover_real_audio():

@@ -10,6 +10,7 @@ to the smallest window that holds its longest clip. Nothing here assumes 30 s / 
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from collections.abc import Sequence
 
@@ -34,6 +35,19 @@ TOKEN_MARGIN = 10
 # Multilingual vocabularies have 51865+ ids (language and task tokens); English-only (*.en) ones 51864.
 MULTILINGUAL_MIN_VOCAB = 51865
 
+
+
+
+class _DropMaxLengthNotice(logging.Filter):
+    """Drops transformers' per-batch notice that `max_new_tokens` overrides the generation config's
+    `max_length` (448 in every Whisper config): generate_kwargs always sets it on purpose, and the notice
+    otherwise fills a Dev eval's log with one line per batch, burying the progress lines."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "`max_new_tokens` will take precedence" not in record.getMessage()
+
+
+logging.getLogger("transformers.generation.utils").addFilter(_DropMaxLengthNotice())
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
