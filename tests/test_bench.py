@@ -61,6 +61,14 @@ def test_window_wer_cost_reads_both_demo_runs_with_a_speaker_interval(tmp_path, 
     low, high = cost["wer_diff_ci95"]
     assert low <= 1 / 39 <= high and low < high
 
+    # --wer-cost-only writes the cost into the existing results, keeping their timings
+    out = tmp_path / "results.json"
+    out.write_text(json.dumps(json.loads((REPO / "bench" / "results.json").read_text()) | {"date": "then"}))
+    speed.main(["--wer-cost-only", "--out", str(out)])
+    updated = json.loads(out.read_text())
+    assert updated["window_speedup"]["wer_cost"] == cost and updated["date"] == "then"
+    assert "+100.0% (WER 5.13% vs 2.56%" in out.with_suffix(".md").read_text()
+
     _eval_dir(tmp_path, "demo_window30", refs[:-1], utts[:-1])  # one Dev clip dropped at 30 s
     with pytest.raises(SystemExit, match="scored different Dev utterances"):
         speed.demo_wer_cost()
