@@ -56,7 +56,7 @@ def test_window_wer_cost_reads_both_demo_runs_with_a_speaker_interval(tmp_path, 
     _eval_dir(tmp_path, "demo_bucketed", hyps, utts)
     _eval_dir(tmp_path, "demo_window30", [h if i != 7 else "play music" for i, h in enumerate(refs)], utts)
     cost = speed.demo_wer_cost()
-    assert cost["dev_wer"] == {"demo_bucketed": round(2 / 39, 5), "demo_window30": round(1 / 39, 5)}
+    assert cost["dev_wer"] == {"demo_bucketed": round(2 / 39, 6), "demo_window30": round(1 / 39, 6)}
     assert cost["relative_wer_cost"] == 1.0 and cost["met"] is False and cost["dev_n"] == 12
     low, high = cost["wer_diff_ci95"]
     assert low <= 1 / 39 <= high and low < high
