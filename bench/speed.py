@@ -116,7 +116,7 @@ def demo_wer_cost() -> dict:
 
     Neither setting drops a clip of 30 s or less, so both runs score the same Dev utterances and the
     difference gets the comparison report's speaker-level bootstrap interval: with a few Dev speakers,
-    a cost inside that interval is noise, not a measured cost.
+    a cost whose interval holds zero is not told apart from noise.
     """
     runs = {run: REPO / "results" / run / "eval" for run in ("demo_bucketed", "demo_window30")}
     if not all((d / "metrics.json").is_file() for d in runs.values()):
