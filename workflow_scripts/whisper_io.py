@@ -36,8 +36,6 @@ TOKEN_MARGIN = 10
 MULTILINGUAL_MIN_VOCAB = 51865
 
 
-
-
 class _DropMaxLengthNotice(logging.Filter):
     """Drops transformers' per-batch notice that `max_new_tokens` overrides the generation config's
     `max_length` (448 in every Whisper config): generate_kwargs always sets it on purpose, and the notice
@@ -48,6 +46,7 @@ class _DropMaxLengthNotice(logging.Filter):
 
 
 logging.getLogger("transformers.generation.utils").addFilter(_DropMaxLengthNotice())
+
 
 PRECISIONS = ("fp32", "fp16", "bf16")
 HALF_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16}
