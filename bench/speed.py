@@ -47,6 +47,11 @@ REPO = Path(__file__).resolve().parent.parent
 MODEL = REPO / "results" / "_models" / "tiny.en"
 WER_COST_GOAL = 0.02  # bucketed windows may cost at most 2 % relative Dev WER against 30 s
 BUCKETED, FIXED = window_ladder([5, 10, 20, 30]), window_ladder(30)
+# The demo runs behind the WER cost, per seed (config/config.yaml). A seed's cost counts once both
+# settings ran; a bucketed run alone still shows how far the seed moves its WER.
+WER_COST_RUNS = {42: {"bucketed": "demo_bucketed", "window30": "demo_window30"},
+                 43: {"bucketed": "demo_bucketed_seed43", "window30": "demo_window30_seed43"},
+                 44: {"bucketed": "demo_bucketed_seed44"}}
 TEXT = "please put the river next to the farmer"
 
 
@@ -112,28 +117,49 @@ def timed_epoch(moe: MoEWhisper, data: list[dict], *, second_pass: bool, repeats
 
 
 def demo_wer_cost() -> dict:
-    """Dev WER of the demo run at bucketed windows against a fixed 30 s window, once both have run.
+    """Dev WER of the demo run at bucketed windows against a fixed 30 s window, over the seeds run.
 
-    Neither setting drops a clip of 30 s or less, so both runs score the same Dev utterances and the
-    difference gets the comparison report's speaker-level bootstrap interval: with a few Dev speakers,
-    a cost whose interval holds zero is not told apart from noise.
+    Neither setting drops a clip of 30 s or less, so every run scores the same Dev utterances. The cost
+    compares the two settings' mean WER over the seeds where both ran; its interval is the comparison
+    report's speaker bootstrap over those seeds' rows together (with a few Dev speakers, a cost whose
+    interval holds zero is not told apart from noise). Each seed's own cost and the range of the
+    bucketed runs show how far one seed moves the result.
     """
-    runs = {run: REPO / "results" / run / "eval" for run in ("demo_bucketed", "demo_window30")}
-    if not all((d / "metrics.json").is_file() for d in runs.values()):
+    wer, rows = {}, {}
+    for names in WER_COST_RUNS.values():
+        for run in names.values():
+            folder = REPO / "results" / run / "eval"
+            if (folder / "metrics.json").is_file():
+                wer[run] = json.loads((folder / "metrics.json").read_text())["overall"]["wer"]
+                rows[run] = read_rows(folder / "per_utterance.tsv")
+    first = next(iter(rows), None)
+    for run in rows:
+        if [r["id"] for r in rows[run]] != [r["id"] for r in rows[first]]:
+            raise SystemExit(f"results/{first}/eval and results/{run}/eval scored different Dev utterances; "
+                             "rerun them from the same config/config.yaml")
+    paired = [seed for seed, names in WER_COST_RUNS.items()
+              if len(names) == 2 and all(run in wer for run in names.values())]
+    if not paired:
         return {"dev_wer": None, "goal": f"<= {WER_COST_GOAL:.0%} relative",
                 "note": "run `snakemake --profile profiles/cpu results/demo_bucketed/eval/metrics.json "
                         "results/demo_window30/eval/metrics.json` (about 25 min and 2 h on 2 CPU cores) to record "
                         "the WER cost"}
-    rows = {run: read_rows(d / "per_utterance.tsv") for run, d in runs.items()}
-    if [r["id"] for r in rows["demo_bucketed"]] != [r["id"] for r in rows["demo_window30"]]:
-        raise SystemExit(f"{runs['demo_bucketed']} and {runs['demo_window30']} scored different Dev utterances; "
-                         "rerun both from the same config/config.yaml")
-    wer = {run: json.loads((d / "metrics.json").read_text())["overall"]["wer"] for run, d in runs.items()}
-    cost = wer["demo_bucketed"] / wer["demo_window30"] - 1
-    low, high = speaker_bootstrap(rows["demo_bucketed"], rows["demo_window30"])
-    return {"dev_wer": {run: round(w, 6) for run, w in wer.items()}, "dev_n": len(rows["demo_bucketed"]),
-            "relative_wer_cost": round(cost, 4), "wer_diff_ci95": [round(low, 5), round(high, 5)],
-            "goal": f"<= {WER_COST_GOAL:.0%} relative", "met": cost <= WER_COST_GOAL}
+
+    def cost(seeds: list[int]) -> dict:
+        runs = {setting: [WER_COST_RUNS[seed][setting] for seed in seeds] for setting in ("bucketed", "window30")}
+        mean = {setting: float(np.mean([wer[run] for run in names])) for setting, names in runs.items()}
+        low, high = speaker_bootstrap(*([row for run in runs[setting] for row in rows[run]]
+                                        for setting in ("bucketed", "window30")))
+        return {"relative_wer_cost": round(mean["bucketed"] / mean["window30"] - 1, 4),
+                "wer_diff_ci95": [round(low, 5), round(high, 5)],
+                "mean_dev_wer": {k: round(v, 6) for k, v in mean.items()}}
+
+    pooled = cost(paired)
+    bucketed = [wer[names["bucketed"]] for names in WER_COST_RUNS.values() if names["bucketed"] in wer]
+    return {"dev_wer": {run: round(w, 6) for run, w in wer.items()}, "dev_n": len(next(iter(rows.values()))),
+            "seeds_paired": paired, **pooled, "per_seed": {str(seed): cost([seed]) for seed in paired},
+            "bucketed_wer_range": [round(min(bucketed), 6), round(max(bucketed), 6)],
+            "goal": f"<= {WER_COST_GOAL:.0%} relative", "met": pooled["relative_wer_cost"] <= WER_COST_GOAL}
 
 
 def entry(what: str, a_name: str, a: float, b_name: str, b: float, goal: str, met: bool, **extra) -> dict:
@@ -218,8 +244,10 @@ def write_tables(results: dict, out: Path) -> None:
         lines.append(f"| window_speedup, Dev WER cost | not run | {cost['goal']} | |")
     else:
         low, high = cost["wer_diff_ci95"]
-        lines.append(f"| window_speedup, Dev WER cost | {cost['relative_wer_cost']:+.1%} (WER "
-                     f"{cost['dev_wer']['demo_bucketed']:.2%} vs {cost['dev_wer']['demo_window30']:.2%}, difference "
+        mean = cost["mean_dev_wer"]
+        seeds = ", ".join(str(s) for s in cost["seeds_paired"])
+        lines.append(f"| window_speedup, Dev WER cost | {cost['relative_wer_cost']:+.1%} (mean WER "
+                     f"{mean['bucketed']:.2%} vs {mean['window30']:.2%} over seeds {seeds}, difference "
                      f"95 % [{low * 100:+.2f}, {high * 100:+.2f}] points) | {cost['goal']} | "
                      f"{'yes' if cost['met'] else 'no'} |")
     table = "\n".join(lines)

@@ -39,7 +39,7 @@ def _eval_dir(root: Path, run: str, hyps: list[str], utts: list) -> None:
     write_results(utts, [0] * len(utts), hyps, root / "results" / run / "eval", {})
 
 
-def test_window_wer_cost_reads_both_demo_runs_with_a_speaker_interval(tmp_path, monkeypatch):
+def test_window_wer_cost_pools_the_seeds_where_both_settings_ran(tmp_path, monkeypatch):
     from workflow_scripts.sap_data import Utterance
 
     speed = _speed_module()
@@ -48,18 +48,35 @@ def test_window_wer_cost_reads_both_demo_runs_with_a_speaker_interval(tmp_path, 
 
     refs = ["turn on the light", "call my sister", "set a timer", "play some music"] * 3
     utts = [Utterance(f"u{i}", f"spk{i % 6}", "ALS", "", r, "", "Dev", 2.0) for i, r in enumerate(refs)]
+
+    def errors_at(*positions: int) -> list[str]:  # one word dropped from each of these utterances
+        return [" ".join(r.split()[:-1]) if i in positions else r for i, r in enumerate(refs)]
+
     _eval_dir(tmp_path, "demo_window30", refs, utts)
     assert speed.demo_wer_cost()["dev_wer"] is None  # one run is not a comparison
-    # 39 reference words: bucketed drops a word in 2 utterances, 30 s in 1: 2/39 against 1/39.
-    hyps = list(refs)
-    hyps[0], hyps[5] = "turn on the", "call my"
-    _eval_dir(tmp_path, "demo_bucketed", hyps, utts)
-    _eval_dir(tmp_path, "demo_window30", [h if i != 7 else "play music" for i, h in enumerate(refs)], utts)
+    # 39 reference words. Seed 42: bucketed drops a word in 2 utterances, 30 s in 1: 2/39 against 1/39.
+    _eval_dir(tmp_path, "demo_bucketed", errors_at(0, 5), utts)
+    _eval_dir(tmp_path, "demo_window30", errors_at(7), utts)
     cost = speed.demo_wer_cost()
     assert cost["dev_wer"] == {"demo_bucketed": round(2 / 39, 6), "demo_window30": round(1 / 39, 6)}
     assert cost["relative_wer_cost"] == 1.0 and cost["met"] is False and cost["dev_n"] == 12
+    assert cost["seeds_paired"] == [42] and cost["per_seed"]["42"]["relative_wer_cost"] == 1.0
     low, high = cost["wer_diff_ci95"]
     assert low <= 1 / 39 <= high and low < high
+
+    # Seed 43 goes the other way (0 against 1 error) and a bucketed seed 44 alone (3 errors) only
+    # widens the bucketed range: the means over seeds 42 and 43 are equal, a cost of zero.
+    _eval_dir(tmp_path, "demo_bucketed_seed43", refs, utts)
+    _eval_dir(tmp_path, "demo_window30_seed43", errors_at(3), utts)
+    _eval_dir(tmp_path, "demo_bucketed_seed44", errors_at(1, 2, 3), utts)
+    cost = speed.demo_wer_cost()
+    assert cost["seeds_paired"] == [42, 43] and len(cost["dev_wer"]) == 5
+    assert cost["mean_dev_wer"] == {"bucketed": round(1 / 39, 6), "window30": round(1 / 39, 6)}
+    assert cost["relative_wer_cost"] == 0.0 and cost["met"] is True
+    assert cost["per_seed"]["43"]["relative_wer_cost"] == -1.0
+    assert cost["bucketed_wer_range"] == [0.0, round(3 / 39, 6)]
+    low, high = cost["wer_diff_ci95"]
+    assert low <= 0 <= high
 
     # --wer-cost-only writes the cost into the existing results, keeping their timings
     out = tmp_path / "results.json"
@@ -67,8 +84,8 @@ def test_window_wer_cost_reads_both_demo_runs_with_a_speaker_interval(tmp_path, 
     speed.main(["--wer-cost-only", "--out", str(out)])
     updated = json.loads(out.read_text())
     assert updated["window_speedup"]["wer_cost"] == cost and updated["date"] == "then"
-    assert "+100.0% (WER 5.13% vs 2.56%" in out.with_suffix(".md").read_text()
+    assert "+0.0% (mean WER 2.56% vs 2.56% over seeds 42, 43" in out.with_suffix(".md").read_text()
 
-    _eval_dir(tmp_path, "demo_window30", refs[:-1], utts[:-1])  # one Dev clip dropped at 30 s
+    _eval_dir(tmp_path, "demo_window30_seed43", refs[:-1], utts[:-1])  # one Dev clip dropped at 30 s
     with pytest.raises(SystemExit, match="scored different Dev utterances"):
         speed.demo_wer_cost()
