@@ -239,3 +239,44 @@ def test_mean_std_pooling_doubles_the_gate_input_from_the_embeddings_stage_to_ev
     assert m["overall"]["n"] == len(mean_std.train_utts) and m["routing"] == "gate"
     assert {e: sum(c.values()) for e, c in m["expert_usage"].items()} == Counter(
         u.etiology for u in mean_std.train_utts)
+
+
+def test_eval_can_decode_at_other_windows_than_the_model_was_trained_with(pipeline, tiny_random, tmp_path):
+    """`--encoder-window-s` separates what a model's training windows cost from what its decoding windows do."""
+    p = pipeline("mean")
+    dev = p.train_utts
+    seen: list[int] = []
+
+    def record_window(module, args, kwargs):
+        seen.append((args[0] if args else kwargs["input_features"]).shape[-1])
+
+    def eval_at(*window_args: str) -> dict:
+        seen.clear()
+        out = tmp_path / f"eval{len(window_args)}"
+        with pytest.MonkeyPatch.context() as mp:
+            load_base = eval_stage.load_base
+
+            def hooked_load_base(*args, **kwargs):
+                base, processor = load_base(*args, **kwargs)
+                base.get_encoder().register_forward_pre_hook(record_window, with_kwargs=True)
+                return base, processor
+
+            mp.setattr(eval_stage, "load_base", hooked_load_base)
+            eval_stage.main(["--model", str(p.asr_best), "--utterances", str(p.folder / "train.json"),
+                             "--base-model", str(tiny_random), "--out-dir", str(out),
+                             "--settings", json.dumps(p.settings), *window_args])
+        return json.loads((out / "metrics.json").read_text())
+
+    write_utterances(p.folder / "train.json", dev)
+    durations = sorted(u.duration_s for u in dev)
+    assert durations[0] <= 5 < durations[-1] <= 10  # both 5 s and 10 s windows are needed below
+    as_trained = eval_at()
+    assert set(seen) == {1000} and as_trained["encoder_window_s"] == [10.0, 30.0]  # trained at 10 s
+    assert "trained_encoder_window_s" not in as_trained
+    ladder = eval_at("--encoder-window-s", "5", "10", "20", "30")
+    assert set(seen) == {500, 1000}  # 100 mel frames per second: each clip in the smallest window holding it
+    assert ladder["encoder_window_s"] == [5.0, 10.0, 20.0, 30.0] and ladder["trained_encoder_window_s"] == [10.0, 30.0]
+    assert ladder["overall"]["n"] == len(dev)
+    with pytest.raises(ValueError, match="drop --encoder-window-s or --update-model-card"):
+        eval_stage.evaluate(p.asr_best, p.folder / "train.json", str(tiny_random), tmp_path / "card", p.settings,
+                            update_model_card=True, encoder_window_s=30)

@@ -69,6 +69,22 @@ def test_transcribe_puts_each_clip_in_its_own_window(tiny):
     assert together == alone
 
 
+def test_decoding_runs_the_encoder_at_each_clips_window(tiny):
+    """transformers' generate() zero-pads its input to the model's own 30 s before the encoder; a model
+    trained on short windows must decode at them."""
+    model, processor = tiny
+    frames: list[int] = []
+    hook = model.get_encoder().register_forward_pre_hook(
+        lambda module, args, kwargs: frames.append((args[0] if args else kwargs["input_features"]).shape[-1]),
+        with_kwargs=True)
+    try:
+        whisper_io.transcribe(model, processor, [tone(1.0), tone(6.0), tone(12.0), tone(25.0)], batch_size=4)
+    finally:
+        hook.remove()
+    assert sorted(frames) == [500, 1000, 2000, 3000]
+    assert model.config.max_source_positions == 1500  # the model's own window again afterwards
+
+
 def test_decoding_logs_no_notice_per_batch(tiny):
     """transformers notes `max_new_tokens` overriding the config's max_length at every generate();
     a Dev eval would log it once per batch."""

@@ -25,6 +25,7 @@ from workflow_scripts.training import make_loader, utterance_plan
 from workflow_scripts.whisper_io import (
     autocast,
     encoder_windows,
+    generate,
     generate_kwargs,
     input_features,
     pooled_embeddings,
@@ -159,12 +160,12 @@ def decode_batches(moe: MoEWhisper, processor, batches: Iterable[dict], n: int, 
         kwargs = generate_kwargs(moe.base, loaded["num_samples"])
         w = None if weights is None else torch.tensor([weights[i] for i in batch])
         with moe.routing([experts[i] for i in batch], w), autocast(precision, device):
-            ids = moe.base.generate(feats, **kwargs)
+            ids = generate(moe.base, feats, **kwargs)
         for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
             hyps[i] = text.strip()
         if base_hyps is not None:
             with autocast(precision, device):
-                ids = moe.base.generate(feats, **kwargs)  # routing is off again: the frozen base model
+                ids = generate(moe.base, feats, **kwargs)  # routing is off again: the frozen base model
             for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
                 base_hyps[i] = text.strip()
         done += len(batch)

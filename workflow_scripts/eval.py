@@ -28,6 +28,7 @@ from workflow_scripts.scoring import score_corpus, score_utterance
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
 from workflow_scripts.transcribe import model_card
+from workflow_scripts.windows import window_ladder
 
 log = logging.getLogger("eval")
 TSV_COLUMNS = ("id", "speaker", "etiology", "expert", "reference", "hypothesis", "wer")
@@ -87,17 +88,22 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
 
 def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, settings: dict,
              routing: str | None = None, num_workers: int = 0, update_model_card: bool = False,
-             more_metrics: dict | None = None) -> dict:
+             more_metrics: dict | None = None, encoder_window_s: float | list[float] | None = None) -> dict:
     """Decode with each utterance's expert, routed as in training (or by `routing`, e.g. gate_speaker);
     audio decoded in `num_workers` DataLoader workers. `more_metrics` go into metrics.json as they are.
     With `update_model_card`, the model folder's README.md gets the Dev scores (the run's own eval; the
-    comparison's variants leave it alone)."""
+    comparison's variants leave it alone). `encoder_window_s` decodes (and routes) at other windows than
+    the model was trained with: does a model's WER come from its training windows or its decoding ones?"""
     record = json.loads((model_dir / "training.json").read_text())
     if Path(record["base_model"]) != Path(base_model):
         raise ValueError(f"{model_dir} was trained on {record['base_model']} but eval was given {base_model}; "
                          "evaluate with the run's own base model")
+    if encoder_window_s is not None and update_model_card:
+        raise ValueError("the model card records the model's own eval, at its training windows: drop "
+                         "--encoder-window-s or --update-model-card")
+    windows = record["encoder_window_s"] if encoder_window_s is None else window_ladder(encoder_window_s)
     device = pick_device()
-    base, processor = load_base(base_model, record["encoder_window_s"])
+    base, processor = load_base(base_model, windows)
     moe = MoEWhisper.from_pretrained(model_dir, base).to(device).eval().requires_grad_(False)
     precision = resolve_precision(settings.get("precision", "auto"), device)
     prepare_precision(moe, precision, device)
@@ -120,7 +126,9 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
                                     device=device, baseline=cfg["baseline"], precision=precision,
                                     num_workers=num_workers)
     extra = {"num_experts": moe.num_experts, "routing": routing, "base_model": base_model,
-             "encoder_window_s": record["encoder_window_s"], "precision": precision}
+             "encoder_window_s": windows, "precision": precision}
+    if encoder_window_s is not None:
+        extra["trained_encoder_window_s"] = record["encoder_window_s"]
     if speaker_routes is not None:
         extra["speaker_routing"] = _speaker_routing(moe, processor, utts, experts, hyps, speaker_routes, cfg, device,
                                                     precision, num_workers)
@@ -151,13 +159,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--num-workers", type=int, default=0, help="audio decoding processes (training.num_workers)")
     parser.add_argument("--settings", required=True, help="JSON string or file (see config/schema.yaml)")
     parser.add_argument("--routing", choices=ROUTINGS, help="route differently from training (default: as trained)")
+    parser.add_argument("--encoder-window-s", type=float, nargs="+",
+                        help="decode at these windows (e.g. 30, or 5 10 20 30) instead of the training ones")
     parser.add_argument("--update-model-card", action="store_true",
                         help="add the Dev scores to the model folder's README.md")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
     evaluate(args.model, args.utterances, args.base_model, args.out_dir, parse_settings_arg(args.settings),
-             routing=args.routing, num_workers=args.num_workers, update_model_card=args.update_model_card)
+             routing=args.routing, num_workers=args.num_workers, update_model_card=args.update_model_card,
+             encoder_window_s=args.encoder_window_s)
 
 
 if __name__ == "__main__":

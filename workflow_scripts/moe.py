@@ -24,6 +24,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
 from workflow_scripts.atomic import atomic_dir, atomic_file
+from workflow_scripts.whisper_io import generate as whisper_generate
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 WEIGHTINGS = ("prob", "straight_through")
@@ -302,7 +303,7 @@ class MoEWhisper(nn.Module):
         """base.generate with each sample routed to its expert (gate top-1 unless expert_idx given)."""
         idx, weights, _ = self._resolve(gate_inputs, expert_idx, 1)
         with self.routing(idx, weights):
-            return self.base.generate(input_features, **generate_kwargs)
+            return whisper_generate(self.base, input_features, **generate_kwargs)
 
     # --- PEFT interop -------------------------------------------------------------------------
     def _lora_config(self) -> LoraConfig:

@@ -70,8 +70,8 @@ def use_encoder_windows(model: WhisperForConditionalGeneration, ladder: Sequence
     `transformers` insists on exactly the mel frames of max_source_positions positions and adds every row
     of the positional embedding. For the length of one forward pass, both are set to the input's window, so
     the encoder uses the first rows of its positions (as icefall and wenet do); afterwards the config
-    is the model's own again, which `generate()` needs to treat the input as one short-form segment.
-    Returns the ladder in use, also kept as `model.config.encoder_windows_s`.
+    is the model's own again. Decode with `generate` below, not `model.generate`, or the encoder runs at
+    the model's own window. Returns the ladder in use, also kept as `model.config.encoder_windows_s`.
     """
     encoder = model.get_encoder()
     native = encoder.embed_positions.num_embeddings
@@ -98,6 +98,23 @@ def use_encoder_windows(model: WhisperForConditionalGeneration, ladder: Sequence
 def encoder_windows(model: WhisperForConditionalGeneration) -> list[float]:
     """The windows this model runs (use_encoder_windows), or only its own window."""
     return list(getattr(model.config, "encoder_windows_s", None) or [window_seconds(model)])
+
+
+def generate(model: WhisperForConditionalGeneration, features: torch.Tensor, **kwargs) -> torch.Tensor:
+    """`model.generate(features, **kwargs)` with the encoder at the features' own window.
+
+    transformers' Whisper generate() zero-pads every input to max_source_positions (30 s) before the
+    encoder, and ignores its own num_segment_frames argument. A batch at a 5 s window would be decoded at
+    30 s, with padding the feature extractor never makes: a model trained on short windows would decode at
+    one it never saw. For the length of the call, max_source_positions is the input's window.
+    """
+    config = model.config
+    native = config.max_source_positions
+    config.max_source_positions = features.shape[-1] // MEL_FRAMES_PER_POSITION
+    try:
+        return model.generate(features, **kwargs)
+    finally:
+        config.max_source_positions = native
 
 
 def input_features(processor: WhisperProcessor, audios: Sequence[np.ndarray],
@@ -234,7 +251,7 @@ def transcribe(model: WhisperForConditionalGeneration, processor: WhisperProcess
             clips = [audios[i] for i in batch]
             feats = input_features(processor, clips, windows).to(param.device, param.dtype)
             with autocast(precision, param.device):
-                ids = model.generate(feats, **generate_kwargs(model, [len(a) for a in clips]))
+                ids = generate(model, feats, **generate_kwargs(model, [len(a) for a in clips]))
             for i, text in zip(batch, processor.batch_decode(ids, skip_special_tokens=True), strict=True):
                 texts[i] = text.strip()
     return texts
