@@ -53,7 +53,7 @@ def test_encoder_runs_every_window_and_keeps_its_own(tiny):
             feats = whisper_io.input_features(processor, [clip], [window])
             out = encoder(feats).last_hidden_state
             assert out.shape[1] == window * 50
-            # after each pass the model is whole again: generate() must see the 30 s window
+            # after each pass the model has its own window again (decoding sets the window per call)
             assert model.config.max_source_positions == encoder.embed_positions.num_embeddings == 1500
         # the first positions are shared: the first frames differ only through attention to padding
         five = encoder(whisper_io.input_features(processor, [clip], [5.0])).last_hidden_state
