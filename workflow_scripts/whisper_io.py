@@ -103,10 +103,11 @@ def encoder_windows(model: WhisperForConditionalGeneration) -> list[float]:
 def generate(model: WhisperForConditionalGeneration, features: torch.Tensor, **kwargs) -> torch.Tensor:
     """`model.generate(features, **kwargs)` with the encoder at the features' own window.
 
-    transformers' Whisper generate() zero-pads every input to max_source_positions (30 s) before the
-    encoder, and ignores its own num_segment_frames argument. A batch at a 5 s window would be decoded at
-    30 s, with padding the feature extractor never makes: a model trained on short windows would decode at
-    one it never saw. For the length of the call, max_source_positions is the input's window.
+    transformers' Whisper generate() zero-pads every input to the model's own window (max_source_positions)
+    before the encoder, and ignores its own num_segment_frames argument. A model with one fixed window is
+    not affected, but on a ladder (own window 30 s) a batch at a 5 s window would be decoded at 30 s, with
+    padding the feature extractor never makes: windows the model never saw in training. For the length of
+    the call, max_source_positions is the input's window.
     """
     config = model.config
     native = config.max_source_positions
