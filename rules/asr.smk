@@ -27,9 +27,9 @@ rule asr:
         mem_mb=24000,
         gpu=lambda w: training_gpus(w.run),
     shell:
-        "{params.launcher} workflow_scripts.asr --train {input.train} --val {input.val}"
-        " --base-model {params.model} {params.pretrained} --out {output}"
-        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        "{params.launcher:q} workflow_scripts.asr --train {input.train:q} --val {input.val:q}"
+        " --base-model {params.model:q} {params.pretrained:q} --out {output:q}"
+        " --work-dir {params.work_dir:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule training_curves:
@@ -49,4 +49,4 @@ rule training_curves:
     resources:
         mem_mb=2000,
     shell:
-        "python -m workflow_scripts.curves --out {output} {input.asr} {input.experts} > {log} 2>&1"
+        "python -m workflow_scripts.curves --out {output:q} {input.asr:q} {input.experts:q} > {log:q} 2>&1"

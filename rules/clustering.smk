@@ -20,9 +20,9 @@ checkpoint clustering:
     resources:
         mem_mb=8000,
     shell:
-        "python -m workflow_scripts.clustering cluster --embeddings-dir results/{wildcards.run}/embeddings"
-        " --labels-out {output.labels} --summary-out {output.summary}"
-        " --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.clustering cluster --embeddings-dir results/{wildcards.run:q}/embeddings"
+        " --labels-out {output.labels:q} --summary-out {output.summary:q}"
+        " --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule cluster_plot:
@@ -44,5 +44,5 @@ rule cluster_plot:
     resources:
         mem_mb=4000,
     shell:
-        "python -m workflow_scripts.cluster_plot --embeddings-dir results/{wildcards.run}/embeddings"
-        " --labels {input.labels} --summary {input.summary} --out {output} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.cluster_plot --embeddings-dir results/{wildcards.run:q}/embeddings"
+        " --labels {input.labels:q} --summary {input.summary:q} --out {output:q} --settings {params.settings:q} > {log:q} 2>&1"

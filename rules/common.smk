@@ -52,9 +52,10 @@ def training_gpus(run):
 
 
 def asr_launcher(run):
-    """`python -m`, or torchrun with one process per GPU when training.gpus > 1 (torchrun needs `shell:`)."""
+    """`python -m`, or torchrun with one process per GPU when training.gpus > 1 (torchrun needs `shell:`).
+    A list, so the rule quotes each word."""
     gpus = training_gpus(run)
-    return "python -m" if gpus == 1 else f"torchrun --standalone --nproc_per_node={gpus} -m"
+    return ["python", "-m"] if gpus == 1 else ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m"]
 
 
 def dataset_path(run):
@@ -115,10 +116,14 @@ def final_targets(wildcards):
     return ["results/quick/eval/metrics.json"]
 
 
+def cli_flags(input, names):
+    """`--name path` for each named input the job has, as a list: `{params.x:q}` quotes each word."""
+    return [word for name in names if name in input.keys() for word in (f"--{name}", input[name])]
+
+
 def pretrained_flags(wildcards, input):
     """CLI flags for the pretrained gate/experts, empty when the run skips pretraining."""
-    names = ("gating", "experts", "assignment", "embeddings")
-    return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())
+    return cli_flags(input, ("gating", "experts", "assignment", "embeddings"))
 
 
 def compare_variants(run):
@@ -141,8 +146,7 @@ def compare_train_inputs(wildcards):
 
 
 def compare_train_flags(wildcards, input):
-    names = ("clusters", "gating", "experts", "mixture")
-    return " ".join(f"--{name} {input[name]}" for name in names if name in input.keys())
+    return cli_flags(input, ("clusters", "gating", "experts", "mixture"))
 
 
 def compare_eval_inputs(wildcards):

@@ -29,9 +29,9 @@ rule compare_train:
         mem_mb=24000,
         gpu=1,
     shell:
-        "python -m workflow_scripts.compare train --variant {wildcards.variant} --train {input.train}"
-        " --val {input.val} --base-model {params.model} {params.flags} --out {output}"
-        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.compare train --variant {wildcards.variant:q} --train {input.train:q}"
+        " --val {input.val:q} --base-model {params.model:q} {params.flags:q} --out {output:q}"
+        " --work-dir {params.work_dir:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule compare_eval:
@@ -48,7 +48,7 @@ rule compare_eval:
         "results/{run}/benchmarks/compare_eval_{variant}.tsv"
     params:
         model=lambda w: base_model_path(w.run),
-        flags=lambda w, input: f"--model {input.model}" if "model" in input.keys() else "",
+        flags=lambda w, input: cli_flags(input, ("model",)),
         settings=lambda w: settings_json(w.run, "eval"),
     wildcard_constraints:
         variant="|".join(COMPARE_VARIANTS),
@@ -60,9 +60,9 @@ rule compare_eval:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.compare eval --variant {wildcards.variant} --utterances {input.utterances}"
-        " --base-model {params.model} {params.flags} --out-dir results/{wildcards.run}/compare/{wildcards.variant}"
-        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.compare eval --variant {wildcards.variant:q} --utterances {input.utterances:q}"
+        " --base-model {params.model:q} {params.flags:q} --out-dir results/{wildcards.run:q}/compare/{wildcards.variant:q}"
+        " --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule compare_report:
@@ -78,14 +78,15 @@ rule compare_report:
     benchmark:
         "results/{run}/benchmarks/compare_report.tsv"
     params:
-        variants=lambda w: " ".join(compare_variants(w.run)),
+        variants=lambda w: compare_variants(w.run),
         seed=lambda w: run_settings(w.run)["seed"],
+        title=lambda w: f"Does the mixture help? Run {w.run}",
     conda:
         CONDA_ENV
     threads: 1
     resources:
         mem_mb=2000,
     shell:
-        "python -m workflow_scripts.compare_report --variants-dir results/{wildcards.run}/compare"
-        " --variants {params.variants} --seed {params.seed} --title 'Does the mixture help? Run {wildcards.run}'"
-        " --out-dir results/{wildcards.run}/compare > {log} 2>&1"
+        "python -m workflow_scripts.compare_report --variants-dir results/{wildcards.run:q}/compare"
+        " --variants {params.variants:q} --seed {params.seed:q} --title {params.title:q}"
+        " --out-dir results/{wildcards.run:q}/compare > {log:q} 2>&1"

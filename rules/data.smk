@@ -13,7 +13,7 @@ rule demo_corpus:
         # tiny.en's zero-shot WER per etiology goes into the corpus README, except for tiny (the test and
         # quick corpus), where a handful of utterances per etiology would make it noise and it would add
         # about a minute of CPU to every quick run.
-        measure=lambda w: "" if w.size == "tiny" else f"&& python -m workflow_scripts.demo_corpus --measure {CORPORA_DIR}/{w.size}",
+        measure=lambda w: "no" if w.size == "tiny" else "yes",
     wildcard_constraints:
         size="tiny|small|medium",
     conda:
@@ -22,8 +22,10 @@ rule demo_corpus:
     resources:
         mem_mb=2000,
     shell:
-        "(python -m workflow_scripts.demo_corpus --out {output} --size {wildcards.size}"
-        " --seed {params.seed} --jobs {threads} {params.measure}) > {log} 2>&1"
+        "(python -m workflow_scripts.demo_corpus --out {output:q} --size {wildcards.size:q}"
+        " --seed {params.seed:q} --jobs {threads:q}"
+        " && if [ {params.measure:q} = yes ]; then python -m workflow_scripts.demo_corpus --measure {output:q}; fi)"
+        " > {log:q} 2>&1"
 
 
 rule base_model:
@@ -43,7 +45,7 @@ rule base_model:
     resources:
         mem_mb=4000,
     shell:
-        "python -m workflow_scripts.base_model --spec {params.spec} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.base_model --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
 
 
 rule prepare_data:
@@ -69,6 +71,6 @@ rule prepare_data:
     resources:
         mem_mb=4000,
     shell:
-        "(python -m workflow_scripts.data --dataset-root {input.dataset}"
-        " --out-dir results/{wildcards.run}/data --report {output.report} --settings {params.settings:q}"
-        " && python -m workflow_scripts.report_html data {output.report} {output.report_html}) > {log} 2>&1"
+        "(python -m workflow_scripts.data --dataset-root {input.dataset:q}"
+        " --out-dir results/{wildcards.run:q}/data --report {output.report:q} --settings {params.settings:q}"
+        " && python -m workflow_scripts.report_html data {output.report:q} {output.report_html:q}) > {log:q} 2>&1"

@@ -25,6 +25,6 @@ rule embeddings:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.embeddings --utterances {input.utterances}"
-        " --base-model {params.model} --out-dir results/{wildcards.run}/embeddings"
-        " --work-dir {params.work_dir} --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.embeddings --utterances {input.utterances:q}"
+        " --base-model {params.model:q} --out-dir results/{wildcards.run:q}/embeddings"
+        " --work-dir {params.work_dir:q} --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} > {log:q} 2>&1"

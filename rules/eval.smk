@@ -27,7 +27,7 @@ rule eval:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "(python -m workflow_scripts.eval --model {input.model} --utterances {input.utterances}"
-        " --base-model {params.model} --out-dir results/{wildcards.run}/eval"
-        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} --update-model-card"
-        " && python -m workflow_scripts.report_html eval {output.metrics} {output.scores}) > {log} 2>&1"
+        "(python -m workflow_scripts.eval --model {input.model:q} --utterances {input.utterances:q}"
+        " --base-model {params.model:q} --out-dir results/{wildcards.run:q}/eval"
+        " --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} --update-model-card"
+        " && python -m workflow_scripts.report_html eval {output.metrics:q} {output.scores:q}) > {log:q} 2>&1"

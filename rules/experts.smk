@@ -26,10 +26,10 @@ rule expert_assignment:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.experts assign --utterances {input.expert} --val {input.val}"
-        " --embeddings-dir results/{wildcards.run}/embeddings --labels {input.labels}"
-        " --gating {input.gate} --base-model {params.model} --out {output}"
-        " --threads {threads} --num-workers {resources.num_workers} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.experts assign --utterances {input.expert:q} --val {input.val:q}"
+        " --embeddings-dir results/{wildcards.run:q}/embeddings --labels {input.labels:q}"
+        " --gating {input.gate:q} --base-model {params.model:q} --out {output:q}"
+        " --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule expert:
@@ -53,9 +53,9 @@ rule expert:
         mem_mb=16000,
         gpu=1,
     shell:
-        "python -m workflow_scripts.experts train --expert {wildcards.expert}"
-        " --assignment {input.assignment} --base-model {params.model} --out {output}"
-        " --work-dir {params.work_dir} --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.experts train --expert {wildcards.expert:q}"
+        " --assignment {input.assignment:q} --base-model {params.model:q} --out {output:q}"
+        " --work-dir {params.work_dir:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule experts_manifest:
@@ -73,4 +73,4 @@ rule experts_manifest:
     resources:
         mem_mb=1000,
     shell:
-        "python -m workflow_scripts.experts manifest --out {output} {input} > {log} 2>&1"
+        "python -m workflow_scripts.experts manifest --out {output:q} {input:q} > {log:q} 2>&1"

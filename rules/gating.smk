@@ -20,9 +20,9 @@ rule gating:
     resources:
         mem_mb=4000,
     shell:
-        "python -m workflow_scripts.gating train --embeddings-dir results/{wildcards.run}/embeddings"
-        " --labels {input.labels} --out {output.gate} --metrics-out {output.metrics}"
-        " --threads {threads} --settings {params.settings:q} > {log} 2>&1"
+        "python -m workflow_scripts.gating train --embeddings-dir results/{wildcards.run:q}/embeddings"
+        " --labels {input.labels:q} --out {output.gate:q} --metrics-out {output.metrics:q}"
+        " --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 
 
 rule gating_plot:
@@ -40,4 +40,4 @@ rule gating_plot:
     resources:
         mem_mb=2000,
     shell:
-        "python -m workflow_scripts.gating plot --metrics {input} --out {output} > {log} 2>&1"
+        "python -m workflow_scripts.gating plot --metrics {input:q} --out {output:q} > {log:q} 2>&1"

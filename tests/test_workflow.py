@@ -76,6 +76,7 @@ def write_runs(workdir: Path, runs: dict) -> None:
     (workdir / "runs.yaml").write_text(yaml.safe_dump({"runs": runs}))
 
 
+HOSTILE_DIR_NAME = "long corpus; touch pwned"
 LONG_CLIPS_S = {"Dev": (12.0, 25.0, 30.0, 31.0), "Train": (12.0,)}
 
 
@@ -104,13 +105,37 @@ def finished_run(tmp_path_factory, tiny_corpus) -> Path:
     """One real run of the whole pipeline (tiny corpus, tiny random Whisper), and one without
     pretraining at the default window ladder on a corpus with clips up to 31 s, every Dev clip evaluated."""
     workdir = tmp_path_factory.mktemp("workflow")
-    long_corpus = corpus_with_long_clips(tiny_corpus, workdir / "long_corpus")
+    # A dataset_root with a space and a `;`: unquoted in a shell command it would split the path and run `touch`.
+    long_corpus = corpus_with_long_clips(tiny_corpus, workdir / HOSTILE_DIR_NAME)
     plain = {**TEST_RUN, "skip_pretraining": True, "num_experts": 3, "dataset_root": str(long_corpus),
              "data": {**TEST_RUN["data"], "eval_samples": None}}
     del plain["encoder_window_s"]
     write_runs(workdir, {"t": TEST_RUN, "plain": plain})
     snakemake(workdir, *CPU_PROFILE, "results/t/eval/metrics.json", "results/plain/eval/metrics.json")
     return workdir
+
+
+def test_every_shell_value_is_quoted():
+    """Every `{...}` in a rule's shell command is quoted (`{x:q}`): a config value never splits into words or
+    runs as a command."""
+    unquoted = []
+    for path in sorted((REPO / "rules").glob("*.smk")):
+        in_shell = False
+        for n, line in enumerate(path.read_text().splitlines(), 1):
+            if line.strip() == "shell:":
+                in_shell = True
+                continue
+            if in_shell and not line.lstrip().startswith('"'):
+                in_shell = False
+            if in_shell:
+                unquoted += [f"{path.name}:{n}: {{{m}}}" for m in re.findall(r"\{([^{}]*)\}", line)
+                             if not m.endswith(":q")]
+    assert not unquoted, unquoted
+
+
+def test_a_dataset_path_with_a_space_and_a_semicolon_runs_nothing_else(finished_run):
+    assert (finished_run / "results" / "plain" / "eval" / "metrics.json").is_file()
+    assert not (finished_run / "pwned").exists()
 
 
 def test_dry_run_quick_lists_every_stage(tmp_path):
