@@ -20,9 +20,9 @@ import numpy as np
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
+from workflow_scripts.device import prepare_precision
 from workflow_scripts.moe import GateMLP, MoEWhisper
-from workflow_scripts.sap_data import SAMPLE_RATE
-from workflow_scripts.training import prepare_precision
+from workflow_scripts.whisper_audio import SAMPLE_RATE
 from workflow_scripts.whisper_io import autocast, use_encoder_windows
 from workflow_scripts.windows import (
     MEL_FRAMES_PER_POSITION,

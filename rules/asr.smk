@@ -27,7 +27,8 @@ rule asr:
         mem_mb=24000,
         gpu=lambda w: training_gpus(w.run),
     shell:
-        "{params.launcher:q} workflow_scripts.asr --train {input.train:q} --val {input.val:q}"
+        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " {params.launcher:q} workflow_scripts.asr --train {input.train:q} --val {input.val:q}"
         " --base-model {params.model:q} {params.pretrained:q} --out {output:q}"
         " --work-dir {params.work_dir:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 

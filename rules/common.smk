@@ -9,9 +9,11 @@ from snakemake.utils import validate
 
 sys.path.insert(0, workflow.basedir)
 
-from workflow_scripts.model_specs import resolve_base_model  # noqa: E402
+from workflow_scripts.model_specs import HUB_FOLDER, resolve_base_model, spec_of_folder  # noqa: E402
 from workflow_scripts.variants import TRAINED as COMPARE_TRAINED, VARIANTS as COMPARE_VARIANTS, variants_of  # noqa: E402
 from workflow_scripts.settings import check_runs, resolve_run, stage_settings  # noqa: E402
+from workflow_scripts.sap_data import DataError  # noqa: E402
+from workflow_scripts.sap_download import DOWNLOAD, download_name, locate  # noqa: E402
 
 
 # No defaults filled in here: resolve_run applies them beneath the profile's hardware file, which
@@ -24,9 +26,18 @@ validate(config, "../config/schema.yaml", set_default=False)
 # from any working directory.
 os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
 os.environ["PYTHONPATH"] = workflow.basedir + os.pathsep + os.environ.get("PYTHONPATH", "")
+# Jobs never reach the Hugging Face hub: compute nodes are often offline, and parallel jobs would race on one
+# cache. The base_model job (a local rule) snapshots a hub model once and every job loads that folder. That
+# job alone runs with the user's own setting, kept in USER_<name>; setdefault because a job that reads this
+# file again (cluster executors) inherits the override and must not take it for the user's value.
+for _name in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"):
+    os.environ.setdefault(f"USER_{_name}", os.environ.get(_name, ""))
+    os.environ[_name] = "1"
 CONDA_ENV = "../envs/moe_whisper.yaml"
 MODELS_DIR = "results/_models"
 CORPORA_DIR = "results/_corpora"
+# Unpacked copies of SAP downloads, one per download (not per run): results/_datasets/<name>/dataset.
+DATASETS_DIR = "results/_datasets"
 # Generated corpora do not depend on a run's seed, so runs with different seeds share them.
 CORPUS_SEED = 0
 
@@ -58,15 +69,51 @@ def asr_launcher(run):
     return ["python", "-m"] if gpus == 1 else ["torchrun", "--standalone", f"--nproc_per_node={gpus}", "-m"]
 
 
+@functools.cache
+def dataset_layout(root):
+    """sap_download.locate: a few directory reads, no tar opened, as this runs at every Snakemake start.
+    None for a root that is not there (yet): Snakemake then names it as a missing input."""
+    return locate(root) if os.path.isdir(root) else None
+
+
 def dataset_path(run):
+    """What the data stage reads: the generated corpus, the unpacked copy of a download (unpack_download
+    job), or the folder holding the split folders (the root, or the kit's processed/ or raw/ under it)."""
     root = run_settings(run)["dataset_root"]
     if root.startswith("synthetic:"):
         return f"{CORPORA_DIR}/{root.split(':', 1)[1]}"
-    return root
+    layout = dataset_layout(root)
+    if layout is None:
+        return root
+    if layout.kind == DOWNLOAD:
+        return f"{DATASETS_DIR}/{download_name(layout.path)}/dataset"
+    return str(layout.path)
+
+
+def unpack_report_flags(run):
+    """`--unpack-report FILE` when the run reads a download, so data_report.json carries the unpack counts."""
+    path = dataset_path(run)
+    if not path.startswith(f"{DATASETS_DIR}/"):
+        return []
+    return ["--unpack-report", f"{os.path.dirname(path)}/unpack_report.json"]
+
+
+def download_of(name):
+    """The download that results/_datasets/<name>/ unpacks, found among the runs' dataset roots."""
+    for run in config.get("runs") or {}:
+        root = run_settings(run)["dataset_root"]
+        try:
+            layout = None if root.startswith("synthetic:") else dataset_layout(root)
+        except DataError:
+            continue  # another run's problem, reported when that run is built
+        if layout is not None and layout.kind == DOWNLOAD and download_name(layout.path) == name:
+            return str(layout.path)
+    raise ValueError(f"{DATASETS_DIR}/{name} unpacks no run's dataset_root; ask for results/<run>/... instead")
 
 
 def base_model_path(run):
-    """Local folder (built by the base_model job for bundled models and tiny-random) or a hub id."""
+    """The folder every job loads the base model from: the base_model job's (bundled, tiny-random, hub ids)
+    or the user's own local folder."""
     return resolve_base_model(run_settings(run)["base_model"], MODELS_DIR)
 
 

@@ -29,7 +29,8 @@ rule compare_train:
         mem_mb=24000,
         gpu=1,
     shell:
-        "python -m workflow_scripts.compare train --variant {wildcards.variant:q} --train {input.train:q}"
+        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " python -m workflow_scripts.compare train --variant {wildcards.variant:q} --train {input.train:q}"
         " --val {input.val:q} --base-model {params.model:q} {params.flags:q} --out {output:q}"
         " --work-dir {params.work_dir:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 
@@ -49,7 +50,7 @@ rule compare_eval:
     params:
         model=lambda w: base_model_path(w.run),
         flags=lambda w, input: cli_flags(input, ("model",)),
-        settings=lambda w: settings_json(w.run, "eval"),
+        settings=lambda w: settings_json(w.run, "eval", "split_as_kit"),
     wildcard_constraints:
         variant="|".join(COMPARE_VARIANTS),
     conda:
@@ -60,7 +61,8 @@ rule compare_eval:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.compare eval --variant {wildcards.variant:q} --utterances {input.utterances:q}"
+        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " python -m workflow_scripts.compare eval --variant {wildcards.variant:q} --utterances {input.utterances:q}"
         " --base-model {params.model:q} {params.flags:q} --out-dir results/{wildcards.run:q}/compare/{wildcards.variant:q}"
         " --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} > {log:q} 2>&1"
 

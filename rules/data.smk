@@ -28,6 +28,8 @@ rule demo_corpus:
         " > {log:q} 2>&1"
 
 
+# A local rule: on a cluster it runs on the submitting host, the one host allowed to reach the hub (with the
+# user's own HF_HUB_OFFLINE, see common.smk); the conversions of bundled models take seconds there too.
 rule base_model:
     output:
         directory(f"{MODELS_DIR}/{{name}}"),
@@ -36,16 +38,44 @@ rule base_model:
     benchmark:
         f"{MODELS_DIR}/benchmarks/{{name}}.tsv"
     params:
-        spec=lambda w: w.name if w.name == "tiny-random" else f"bundled:{w.name}",
+        spec=lambda w: spec_of_folder(w.name),
     wildcard_constraints:
-        name=r"tiny-random|tiny\.en|base|small",
+        name=rf"tiny-random|tiny\.en|base|small|{HUB_FOLDER}/[\w.-]+",
+    localrule: True
     conda:
         CONDA_ENV
     threads: 1
     resources:
         mem_mb=4000,
     shell:
-        "python -m workflow_scripts.base_model --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+        "HF_HUB_OFFLINE=\"$USER_HF_HUB_OFFLINE\" TRANSFORMERS_OFFLINE=\"$USER_TRANSFORMERS_OFFLINE\""
+        " python -m workflow_scripts.base_model --spec {params.spec:q} --out {output:q} > {log:q} 2>&1"
+
+
+# A SAP download (<Split>/*.tar of per-speaker tars) unpacked once per download, resumable tar by tar: the work
+# goes to <dataset>.partial, outside the declared folder that Snakemake deletes before rerunning a job. The
+# download is `ancient`: a touched download folder must not redo hours of unpacking (to add tars later, run
+# `python -m workflow_scripts.sap_download` on the existing dataset folder; it unpacks only the new ones).
+rule unpack_download:
+    input:
+        download=lambda w: ancient(download_of(w.name)),
+    output:
+        dataset=directory(f"{DATASETS_DIR}/{{name}}/dataset"),
+        report=f"{DATASETS_DIR}/{{name}}/unpack_report.json",
+    log:
+        f"{DATASETS_DIR}/logs/{{name}}.log",
+    benchmark:
+        f"{DATASETS_DIR}/benchmarks/{{name}}.tsv"
+    wildcard_constraints:
+        name=r"[\w.-]+-[0-9a-f]{8}",
+    conda:
+        CONDA_ENV
+    threads: 1
+    resources:
+        mem_mb=1000,
+    shell:
+        "python -m workflow_scripts.sap_download --download {input.download:q} --out {output.dataset:q}"
+        " --report {output.report:q} > {log:q} 2>&1"
 
 
 rule prepare_data:
@@ -64,7 +94,8 @@ rule prepare_data:
     benchmark:
         "results/{run}/benchmarks/prepare_data.tsv"
     params:
-        settings=lambda w: settings_json(w.run, "data", "train_split", "eval_split"),
+        settings=lambda w: settings_json(w.run, "data", "train_split", "eval_split", "split_as_kit"),
+        unpack_report=lambda w: unpack_report_flags(w.run),
     conda:
         CONDA_ENV
     threads: 1
@@ -73,4 +104,5 @@ rule prepare_data:
     shell:
         "(python -m workflow_scripts.data --dataset-root {input.dataset:q}"
         " --out-dir results/{wildcards.run:q}/data --report {output.report:q} --settings {params.settings:q}"
+        " {params.unpack_report:q}"
         " && python -m workflow_scripts.report_html data {output.report:q} {output.report_html:q}) > {log:q} 2>&1"

@@ -25,6 +25,7 @@ rule embeddings:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.embeddings --utterances {input.utterances:q}"
+        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " python -m workflow_scripts.embeddings --utterances {input.utterances:q}"
         " --base-model {params.model:q} --out-dir results/{wildcards.run:q}/embeddings"
         " --work-dir {params.work_dir:q} --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} > {log:q} 2>&1"

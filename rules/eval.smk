@@ -18,7 +18,7 @@ rule eval:
         "results/{run}/benchmarks/eval.tsv"
     params:
         model=lambda w: base_model_path(w.run),
-        settings=lambda w: settings_json(w.run, "eval"),
+        settings=lambda w: settings_json(w.run, "eval", "split_as_kit"),
     conda:
         CONDA_ENV
     threads: 2
@@ -27,7 +27,8 @@ rule eval:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "(python -m workflow_scripts.eval --model {input.model:q} --utterances {input.utterances:q}"
+        "(python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " python -m workflow_scripts.eval --model {input.model:q} --utterances {input.utterances:q}"
         " --base-model {params.model:q} --out-dir results/{wildcards.run:q}/eval"
         " --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} --update-model-card"
         " && python -m workflow_scripts.report_html eval {output.metrics:q} {output.scores:q}) > {log:q} 2>&1"

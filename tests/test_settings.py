@@ -58,8 +58,8 @@ def test_stage_settings_carry_only_their_sections():
 
 
 def test_profile_batch_sizes_reach_the_stage_commands(tmp_path):
-    (tmp_path / "sap" / "Train").mkdir(parents=True)
-    (tmp_path / "sap" / "Dev").mkdir()
+    for split in ("Train", "Dev"):  # an SAP tree's layout: <Split>/<speaker>/
+        (tmp_path / "sap" / split / "spk").mkdir(parents=True)
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump({"runs": {"x": {"dataset_root": "sap", "base_model": "v2"}}}))
     proc = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                            "--profile", str(REPO / "profiles" / "h100_80gb"), "--configfile",

@@ -5,14 +5,17 @@ training stages go through it."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
 import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from workflow_scripts import asr, experts, train_loop
 from workflow_scripts.sap_data import DataReport, read_split, write_utterances
 from workflow_scripts.settings import default_run
+from workflow_scripts.train_watch import StageClock, format_duration
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 
@@ -154,3 +157,133 @@ def test_both_training_stages_go_through_the_one_loop(utterances, tiny_random, t
     # The per-step curves travel with the trained model.
     for out in (tmp_path / "asr", tmp_path / "e0"):
         assert (out / "metrics.jsonl").read_text().strip()
+
+
+def scalars(folder: Path) -> dict[str, list[tuple[int, float]]]:
+    """{tag: [(step, value)]} as TensorBoard shows them (what a restarted writer purged left out)."""
+    acc = EventAccumulator(str(folder))
+    acc.Reload()
+    return {tag: [(e.step, e.value) for e in acc.Scalars(tag)] for tag in acc.Tags()["scalars"]}
+
+
+class RoutedRecipe(LinearRecipe):
+    """Sends utterance i to expert i % 2 and reports a validation WER, as joint training does."""
+
+    def __init__(self, crash_in_first_save: bool = False):
+        super().__init__()
+        self.crash_in_first_save = crash_in_first_save
+
+    def batch_losses(self, batch: dict) -> dict:
+        counts = torch.zeros(2)
+        for i in batch["index"]:
+            counts[i % 2] += 1
+        return {**super().batch_losses(batch), "expert_counts": counts}
+
+    def validate(self) -> dict:
+        return {**super().validate(), "val_wer": 0.5, "val_expert_usage": [3, 1]}
+
+    def save(self, out_dir: Path) -> None:
+        if self.crash_in_first_save:
+            self.crash_in_first_save = False
+            raise RuntimeError("killed while saving the best checkpoint")
+        super().save(out_dir)
+
+
+def routed_run(recipe: RoutedRecipe, work_dir: Path, **overrides) -> dict:
+    # Two epochs of four single-utterance batches: steps 1-4 and 5-8, a validation after each epoch.
+    return train_loop.fit(recipe, optimizer=torch.optim.SGD([recipe.w], lr=1.0), plans=[[[0], [1], [2], [3]]] * 2,
+                          loader=lambda plan: [{"index": b} for b in plan], batch_size=1,
+                          tcfg=tcfg(**{"checkpoint_every_steps": 2, **overrides}), work_dir=work_dir,
+                          identity={"test": 3}, select_by="wer", precision="fp32", batch_size_key="x.batch_size",
+                          name="test")
+
+
+def test_tensorboard_gets_the_metrics_points_and_each_validation(tmp_path):
+    record = routed_run(RoutedRecipe(), tmp_path)
+    got = scalars(tmp_path / "tensorboard")
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [step for step, _ in got["train/loss"]] == [x["step"] for x in lines] == list(range(1, 9))
+    assert got["train/loss"] == [(x["step"], pytest.approx(x["loss"])) for x in lines]
+    assert got["train/lr"] == [(x["step"], pytest.approx(x["lr"][0])) for x in lines]
+    assert {"train/grad_norm", "train/utterances_per_s"} <= set(got)
+    # Each step trains one utterance, alternately routed: the interval's share per expert.
+    assert got["train/expert_usage/expert_0"][:2] == [(1, 1.0), (2, 0.0)]
+    assert got["val/loss"] == [(h["step"], pytest.approx(h["val_loss"])) for h in record["history"]]
+    assert [step for step, _ in got["val/loss"]] == [step for step, _ in got["val/wer"]] == [4, 8]
+    assert got["val/wer"][0][1] == 0.5 and got["val/expert_usage/expert_0"][0] == (4, 0.75)
+    # Published with metrics.jsonl: the stage copies the best folder next to it.
+    assert scalars(tmp_path / "best" / "tensorboard") == got
+
+
+def test_tensorboard_off_writes_no_event_file(tmp_path):
+    routed_run(RoutedRecipe(), tmp_path, tensorboard=False)
+    assert (tmp_path / "metrics.jsonl").exists()
+    assert not list(tmp_path.rglob("events.out.tfevents*"))
+
+
+def test_a_resumed_run_shows_each_step_once(tmp_path):
+    routed_run(RoutedRecipe(), tmp_path / "a")
+    # Killed after epoch 1's validation (step 4) was written, before the epoch's checkpoint: the
+    # resumed run goes back to the step 2 checkpoint and writes steps 3 and 4 and that validation again.
+    with pytest.raises(RuntimeError, match="killed"):
+        routed_run(RoutedRecipe(crash_in_first_save=True), tmp_path / "b")
+    assert [step for step, _ in scalars(tmp_path / "b" / "tensorboard")["val/loss"]] == [4]
+    # Event files are read in name order, which starts with the second the writer opened; a resumed job
+    # opens its file later than the killed one, which this test's fast restart must not outrun.
+    time.sleep(1.1)
+    routed_run(RoutedRecipe(), tmp_path / "b")
+    assert len(list((tmp_path / "b" / "tensorboard").glob("events.out.tfevents*"))) == 2
+    resumed, uninterrupted = scalars(tmp_path / "b" / "tensorboard"), scalars(tmp_path / "a" / "tensorboard")
+    timing = "train/utterances_per_s"
+    assert {tag: points for tag, points in resumed.items() if tag != timing} == \
+        {tag: points for tag, points in uninterrupted.items() if tag != timing}
+    assert [step for step, _ in resumed[timing]] == list(range(1, 9))
+
+
+def test_joint_training_curves_reach_tensorboard_next_to_the_model(utterances, tiny_random, tmp_path):
+    folder, _ = utterances
+    s = default_run()
+    s.update(base_model="tiny-random", encoder_window_s=10, num_experts=2, skip_pretraining=True, seed=1)
+    s["lora"].update(r=4, alpha=8)
+    s["asr"].update(epochs=2, batch_size=2)
+    s["training"].update(select_best_by="wer", val_wer_samples=2, log_every_steps=1)
+    record = asr.train(folder / "train.json", folder / "val.json", str(tiny_random), tmp_path / "asr", tmp_path / "w",
+                       s)
+    got = scalars(tmp_path / "asr" / "tensorboard")
+    lines = [json.loads(x) for x in (tmp_path / "asr" / "metrics.jsonl").read_text().splitlines()]
+    steps = [x["step"] for x in lines]
+    assert steps == [1, 2, 3, 4]
+    for tag in ("train/loss", "train/task_loss", "train/window_loss", "train/lr_group0", "train/lr_group1",
+                "train/grad_norm", "train/expert_usage/expert_0", "train/expert_usage/expert_1"):
+        assert [step for step, _ in got[tag]] == steps, tag
+    assert got["train/loss"] == [(x["step"], pytest.approx(x["loss"])) for x in lines]
+    assert got["train/expert_usage/expert_1"] == \
+        [(x["step"], pytest.approx(x["expert_usage"][1] / sum(x["expert_usage"]))) for x in lines]
+    for name in ("loss", "wer"):
+        assert got[f"val/{name}"] == [(h["step"], pytest.approx(h[f"val_{name}"])) for h in record["history"]]
+
+
+def test_a_fresh_start_drops_the_curves_of_an_abandoned_run(tmp_path):
+    old = tmp_path / "tensorboard" / "events.out.tfevents.1.old"
+    old.parent.mkdir()
+    old.write_bytes(b"")
+    routed_run(RoutedRecipe(), tmp_path)  # no resume checkpoint: a fresh start
+    assert not old.exists()
+
+
+@pytest.mark.parametrize(("seconds", "text"),
+                         [(9.4, "9s"), (245, "4m05s"), (4980, "1h23m"), (2 * 86400 + 3 * 3600 + 59, "2d03h")])
+def test_durations_read_at_a_glance(seconds, text):
+    assert format_duration(seconds) == text
+
+
+def test_stage_eta_is_the_pace_since_the_start_times_the_batches_left():
+    now = [100.0]
+    # Resumed in epoch 2 of three (4, 6 and 5 batches) after its first 2 batches: 4 + 5 batches left.
+    clock = StageClock([4, 6, 5], epoch=2, batch_in_epoch=2, clock=lambda: now[0])
+    assert clock.seconds_left() is None and clock.describe() == "?"
+    for _ in range(3):
+        clock.tick()
+    now[0] += 30.0  # 10 s per batch since the resume, whatever the run before it took
+    assert clock.seconds_left() == 60.0
+    assert clock.describe() == "at most 1m00s"

@@ -46,8 +46,8 @@ def test_loader_order_is_seeded_resumable_and_worker_independent(tiny_corpus, ti
 
 
 def test_precision_follows_the_setting_then_the_seed_flag():
+    from workflow_scripts.device import resolve_precision
     from workflow_scripts.settings import precision_setting
-    from workflow_scripts.training import resolve_precision
 
     assert precision_setting({"precision": "bf16", "fp16": True}) == "bf16"  # precision wins
     assert precision_setting({"precision": "auto", "fp16": True}) == "fp16"  # the seed's --fp16

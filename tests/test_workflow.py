@@ -23,6 +23,7 @@ import yaml
 from safetensors.torch import load_file
 
 from workflow_scripts.moe import read_gate_file, save_gate
+from workflow_scripts.scoring import score_corpus
 from workflow_scripts.settings import resolve_run
 from workflow_scripts.variants import variants_of
 
@@ -100,13 +101,58 @@ def corpus_with_long_clips(corpus: Path, out: Path) -> Path:
     return out
 
 
+UNLISTED_ETIOLOGY = "Huntington's Disease"
+
+
+def add_kit_edge_cases(corpus: Path) -> Path:
+    """Dev utterances the challenge kit scores but a run's own selection would not: a speaker of an etiology
+    the run does not list, an empty transcript, a transcript behind a `#dis` line and, not scored by either, an entry
+    whose wav is missing."""
+    dev = corpus / "Dev"
+    source = sorted(p for p in dev.iterdir() if p.is_dir())[-1]
+    clone = dev / "UNLISTED1"
+    clone.mkdir()
+    manifest = json.loads((source / f"{source.name}.json").read_text())
+    files = []
+    for n, entry in enumerate(manifest["Files"][:3]):
+        name = f"UNLISTED1_{n}_1_16kHz.wav"
+        shutil.copy(source / entry["Filename"], clone / name)
+        files.append({**entry, "Filename": name})
+    files[0]["Prompt"] = {**files[0]["Prompt"], "Transcript": ""}
+    files[2]["Prompt"] = {**files[2]["Prompt"], "Transcript": "#dis\n" + files[2]["Prompt"]["Transcript"]}
+    files.append({**files[1], "Filename": "UNLISTED1_9_9_16kHz.wav"})  # listed, never recorded
+    (clone / "UNLISTED1.json").write_text(json.dumps({**manifest, "Contributor ID": "UNLISTED1",
+                                                      "Etiology": UNLISTED_ETIOLOGY, "Files": files}))
+    return corpus
+
+
+def kit_manifest(corpus: Path, split: str) -> dict[str, tuple[str, str]]:
+    """What the SAP challenge kit's utils/manifest.py lists for a split, written afresh here: id -> (cleaned
+    transcript, etiology) for every Files entry with a Filename and a transcript whose wav is readable."""
+    rows = {}
+    for manifest in sorted((corpus / split).glob("*/*.json")):
+        data = json.loads(manifest.read_text())
+        for item in data["Files"]:
+            text = (item.get("Prompt") or {}).get("Transcript")
+            wav = manifest.parent / Path(item["Filename"]).name
+            if text is None or wav.stem in rows:
+                continue
+            try:
+                sf.info(str(wav))
+            except (RuntimeError, OSError):
+                continue
+            text = re.sub(r"^#dis\s*\n", "", str(text).strip(), count=1).replace("\n", "")
+            rows[wav.stem] = (text, data.get("Etiology", ""))
+    return rows
+
+
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_corpus) -> Path:
     """One real run of the whole pipeline (tiny corpus, tiny random Whisper), and one without
     pretraining at the default window ladder on a corpus with clips up to 31 s, every Dev clip evaluated."""
     workdir = tmp_path_factory.mktemp("workflow")
     # A dataset_root with a space and a `;`: unquoted in a shell command it would split the path and run `touch`.
-    long_corpus = corpus_with_long_clips(tiny_corpus, workdir / HOSTILE_DIR_NAME)
+    long_corpus = add_kit_edge_cases(corpus_with_long_clips(tiny_corpus, workdir / HOSTILE_DIR_NAME))
     plain = {**TEST_RUN, "skip_pretraining": True, "num_experts": 3, "dataset_root": str(long_corpus),
              "data": {**TEST_RUN["data"], "eval_samples": None}}
     del plain["encoder_window_s"]
@@ -151,10 +197,18 @@ def test_dry_run_full_on_a_sap_tree(tmp_path):
     for split in ("Train", "Dev"):
         (sap / split / "spk").mkdir(parents=True)
     write_runs(tmp_path, {"full": {"dataset_root": str(sap), "base_model": "v2", "data": {"data_percent": 10}}})
-    jobs = planned_jobs(snakemake(tmp_path, "-n", "results/full/eval/metrics.json"))
-    # A real dataset needs no generated corpus; a hub model needs no conversion.
-    assert "demo_corpus" not in jobs and "base_model" not in jobs
+    proc = snakemake(tmp_path, "-n", "-p", "results/full/eval/metrics.json")
+    jobs = planned_jobs(proc)
+    # A real dataset needs no generated corpus; a hub model is snapshotted once, by one job, into a folder
+    # that every stage loads, so no stage touches the hub (compute nodes may be offline).
+    assert "demo_corpus" not in jobs and jobs.get("base_model") == 1
     assert {"prepare_data", "embeddings", "clustering", "gating", "asr", "eval"} <= set(jobs)
+    text = proc.stdout + proc.stderr
+    folder = "results/_models/hub/openai--whisper-large-v2"
+    assert f"--spec openai/whisper-large-v2 --out {folder} " in text
+    # embeddings, expert assignment, asr, eval (the expert jobs are planned after clustering)
+    loaded = re.findall(r"--base-model (\S+)", text)
+    assert len(loaded) >= 4 and set(loaded) == {folder}, loaded
 
 
 def test_dry_run_skip_pretraining_drops_pretraining_stages(tmp_path):
@@ -240,17 +294,44 @@ def test_skip_pretraining_run_trains_from_random_init(finished_run):
 
 def test_no_clip_of_30_s_or_less_is_dropped(finished_run):
     """At the default window ladder every Dev clip up to 30 s is evaluated, each in a window that holds it;
-    only the 31 s clip is skipped, and counted."""
+    Train's 12 s clip is kept too. The 31 s Dev clip is decoded in two chunks (the kit scores it)."""
     run = finished_run / "results" / "plain"
     report = json.loads((run / "data_report.json").read_text())
     kept_dev = sum(report["Dev"]["kept"].values())
     metrics = json.loads((run / "eval" / "metrics.json").read_text())
     assert metrics["overall"]["n"] == kept_dev
     assert metrics["encoder_window_s"] == [5, 10, 20, 30]
-    assert report["Dev"]["skipped"]["too_long"]["count"] == 1
+    assert report["Dev"]["skipped"]["too_long"]["count"] == 0
+    assert report["Dev"]["converted"]["over_30s"]["count"] == metrics["coverage"]["over_30s"] == 1
     assert report["Train"]["skipped"]["too_long"]["count"] == 0
     ids = [row["id"] for row in csv.DictReader((run / "eval" / "per_utterance.tsv").open(), delimiter="\t")]
-    assert sum("_9000_" in i for i in ids) == 3  # the 12, 25 and 30 s clips
+    assert sum("_9000_" in i for i in ids) == 4  # the 12, 25, 30 and 31 s clips
+
+
+def test_eval_scores_dev_as_the_challenge_kit_does(finished_run):
+    """On an SAP tree eval covers exactly the Dev utterances of the kit's manifest (any length, any etiology,
+    empty transcripts too), writes predict.csv in the kit's format, and the kit's rule applied to predict.csv
+    gives metrics.json's WER; the synthetic run keeps its own selection."""
+    run = finished_run / "results" / "plain"
+    corpus = finished_run / HOSTILE_DIR_NAME
+    kit = kit_manifest(corpus, "Dev")
+    with (run / "eval" / "predict.csv").open(newline="") as f:
+        rows = list(csv.reader(f))
+    assert rows[0] == ["id", "raw_hypos"]
+    predicted = dict(rows[1:])
+    assert sorted(predicted) == sorted(kit) and len(rows) - 1 == len(kit)
+    assert any(etiology == UNLISTED_ETIOLOGY for _, etiology in kit.values()) and "" in {t for t, _ in kit.values()}
+    metrics = json.loads((run / "eval" / "metrics.json").read_text())
+    rescored = score_corpus((text, predicted[uid], None) for uid, (text, _) in kit.items())
+    assert rescored["overall"] == metrics["overall"]
+    assert metrics["coverage"] == {"utterances": len(kit), "split_as_kit": True, "over_30s": 1, "not_decoded": []}
+    assert metrics["per_etiology"]["other"]["n"] == 3
+    categories = {e["Prompt"].get("Category Description") for p in (corpus / "Dev").glob("*/*.json")
+                  for e in json.loads(p.read_text())["Files"]}
+    assert set(metrics["per_category"]) <= categories and sum(v["n"] for v in metrics["per_category"].values()) \
+        == len(kit)
+    synthetic = json.loads((finished_run / "results" / "t" / "eval" / "metrics.json").read_text())
+    assert synthetic["coverage"]["split_as_kit"] is False and synthetic["overall"]["n"] == 6
 
 
 def test_joint_training_moves_exactly_the_routed_experts(finished_run):

@@ -34,6 +34,7 @@ from workflow_scripts.decoding import (
     fixed_experts,
     route_utterances,
 )
+from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.gate_features import gate_features
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import GateMLP, MoEWhisper, load_balance_loss, read_gate_file
@@ -45,10 +46,7 @@ from workflow_scripts.train_loop import fit, world
 from workflow_scripts.training import (
     load_base,
     make_loader,
-    pick_device,
-    prepare_precision,
     publish_best,
-    resolve_precision,
     resume_identity,
     seed_everything,
     utterance_plan,

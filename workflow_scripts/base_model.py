@@ -1,31 +1,43 @@
-"""Base Whisper models: build offline `transformers` folders for the config specs that need one, and load them.
+"""Base Whisper models: build the local `transformers` folder each config spec needs, and load them.
 
-No model hub is reachable on the dev machines, so real pretrained weights come from pip packages that
-ship CTranslate2 (faster-whisper) models. `materialize` finds them and converts them
-(workflow_scripts/ct2_convert.py) to a `transformers` folder:
+Every job loads its base model from a folder and runs offline (HF_HUB_OFFLINE=1, set in rules/common.smk):
+compute nodes often have no internet, and parallel jobs would race on one hub cache. So the base_model job,
+a local rule on the submitting host, builds the folder once:
 
+    python -m workflow_scripts.base_model --spec v2 --out results/_models/hub/openai--whisper-large-v2
     python -m workflow_scripts.base_model --spec bundled:tiny.en --out results/_models/tiny.en
+
+A hub id is snapshotted (only the files `transformers` loads) through the Hugging Face cache, which honours
+HF_HOME / HF_HUB_CACHE, and copied out of it; with the user's HF_HUB_OFFLINE=1 it comes from the cache alone.
+No hub is reachable on the dev machines, so real pretrained weights also come from pip packages that ship
+CTranslate2 (faster-whisper) models: `bundled:*` finds them and converts them (workflow_scripts/ct2_convert.py).
 
 Specs (workflow_scripts/model_specs.py): "v2"/"v3" (hub ids), "bundled:tiny.en" / "bundled:base" /
 "bundled:small" (pip packages), "tiny-random" (a tiny random model with the real tokenizer, for tests),
-or a local folder / hub id.
+a hub id (`org/name`), or a local folder (loaded as it is, no job).
 """
 
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import importlib.util
 import json
 import os
+import shutil
+import sys
 from pathlib import Path
 
 import torch
+from huggingface_hub import constants as hub_constants
+from huggingface_hub import snapshot_download
+from huggingface_hub.errors import GatedRepoError, LocalEntryNotFoundError, RepositoryNotFoundError
 from transformers import WhisperConfig, WhisperForConditionalGeneration, WhisperProcessor
 
 from workflow_scripts.atomic import atomic_dir
 from workflow_scripts.ct2_convert import build_generation_config, build_processor, ct2_to_transformers, special_ids
-from workflow_scripts.model_specs import BUNDLES, BaseModelError, Bundle, bundle_name
-from workflow_scripts.sap_data import NATIVE_WINDOW_S
+from workflow_scripts.model_specs import BUNDLES, BaseModelError, Bundle, bundle_name, hub_id
+from workflow_scripts.whisper_audio import NATIVE_WINDOW_S
 from workflow_scripts.windows import POSITIONS_PER_SECOND
 
 
@@ -90,15 +102,80 @@ def _tiny_random() -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     return model.eval(), processor
 
 
+# What `from_pretrained` reads for a Whisper model and its processor; hub repos also hold TensorFlow, Flax
+# and fp32 copies of the weights (large-v3: 9 GB more) that must not be fetched.
+HUB_CONFIG_FILES = ["config.json", "generation_config.json", "preprocessor_config.json", "processor_config.json",
+                    "tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "normalizer.json",
+                    "added_tokens.json", "special_tokens_map.json"]
+HUB_SAFETENSORS = ["model.safetensors", "model.safetensors.index.json", "model-*-of-*.safetensors"]
+HUB_PYTORCH_BIN = ["pytorch_model.bin", "pytorch_model.bin.index.json", "pytorch_model-*-of-*.bin"]
+
+
+def _snapshot(repo_id: str, patterns: list[str]) -> Path:
+    """The cached snapshot folder of `repo_id` holding `patterns`, downloaded into the cache unless offline."""
+    cache = hub_constants.HF_HUB_CACHE
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+    except LocalEntryNotFoundError as err:
+        if hub_constants.HF_HUB_OFFLINE:
+            raise BaseModelError(f"{repo_id} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE=1: run "
+                                 f"`hf download {repo_id}` into that cache on a host with internet, or point "
+                                 "base_model at a local folder") from err
+        raise BaseModelError(f"{repo_id} could not be fetched from the Hugging Face hub and is not in the cache "
+                             f"({cache}): check this host's internet connection (or HF_ENDPOINT), or point "
+                             "base_model at a local folder") from err
+    except (RepositoryNotFoundError, GatedRepoError) as err:
+        raise BaseModelError(f"{repo_id} is not a model on the Hugging Face hub that this host may read: check the "
+                             "id, or for a gated or private model log in with `hf auth login`") from err
+
+
+def _matching(folder: Path, patterns: list[str]) -> list[Path]:
+    # The cached snapshot may hold more than was asked for (a full `hf download`), so filter again.
+    return sorted(p for p in folder.iterdir() if p.is_file() and any(fnmatch.fnmatch(p.name, pat) for pat in patterns))
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    # A hard link costs no space (large-v2's weights are 6 GB) where results/ and the cache share a filesystem;
+    # cache blobs are never rewritten in place, so the link stays valid. Elsewhere, or where links are refused
+    # (another user's cache), copy.
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def _copy_from_hub(repo_id: str, out_dir: Path) -> Path:
+    """Snapshot the files `transformers` loads (safetensors weights, else PyTorch ones) into `out_dir`."""
+    patterns = HUB_CONFIG_FILES + HUB_SAFETENSORS
+    folder = _snapshot(repo_id, patterns)
+    if not _matching(folder, HUB_SAFETENSORS):  # older repos ship PyTorch pickles only
+        patterns = HUB_CONFIG_FILES + HUB_PYTORCH_BIN
+        folder = _snapshot(repo_id, patterns)
+    files = _matching(folder, patterns)
+    names = {p.name for p in files}
+    if "config.json" not in names or not names & {"model.safetensors", "model.safetensors.index.json",
+                                                  "pytorch_model.bin", "pytorch_model.bin.index.json"}:
+        raise BaseModelError(f"{repo_id} (snapshot {folder}) has no config.json or model weights: it is not a "
+                             "transformers Whisper model; point base_model at one")
+    print(f"{repo_id}: commit {folder.name} from {hub_constants.HF_HUB_CACHE} "
+          f"(HF_HUB_OFFLINE={int(hub_constants.HF_HUB_OFFLINE)}): {', '.join(sorted(names))}")
+    with atomic_dir(out_dir) as tmp:
+        for src in files:
+            _link_or_copy(src.resolve(), tmp / src.name)
+    return out_dir
+
+
 def materialize(spec: str, out_dir: str | os.PathLike) -> Path:
-    """Build the HF folder for a `bundled:*` or `tiny-random` spec at `out_dir` (atomically)."""
+    """Build the local folder for a `bundled:*`, `tiny-random` or hub spec at `out_dir` (atomically)."""
     if spec == "tiny-random":
         model, processor = _tiny_random()
     elif spec.startswith("bundled:"):
         model, processor = _convert_bundle(bundle_name(spec))
+    elif (repo_id := hub_id(spec)) is not None:
+        return _copy_from_hub(repo_id, Path(out_dir))
     else:
-        raise BaseModelError(f"materialize() builds only bundled:* and tiny-random, not {spec!r}; "
-                             "hub ids and local folders are loaded directly")
+        raise BaseModelError(f"materialize() builds bundled:*, tiny-random and hub ids (org/name), not {spec!r}; "
+                             "a local folder is loaded as it is")
     return _write_folder(Path(out_dir), model, processor)
 
 
@@ -112,10 +189,13 @@ def load_whisper(path_or_id: str | os.PathLike) -> tuple[WhisperForConditionalGe
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--spec", required=True, help="bundled:tiny.en, bundled:base, tiny-random, ...")
+    parser.add_argument("--spec", required=True, help="bundled:tiny.en, bundled:base, tiny-random, org/name, v2, v3")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
     args = parser.parse_args(argv)
-    print(materialize(args.spec, args.out))
+    try:
+        print(materialize(args.spec, args.out))
+    except BaseModelError as err:
+        sys.exit(f"base_model: {err}")  # a problem with the spec or the cache, not a bug: one line, no traceback
 
 
 if __name__ == "__main__":

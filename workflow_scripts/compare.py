@@ -28,14 +28,17 @@ import logging
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 from workflow_scripts import asr
 from workflow_scripts import eval as evaluation
 from workflow_scripts.base_model import load_whisper
-from workflow_scripts.sap_data import load_audio, read_utterances
+from workflow_scripts.decoding import chunk_clips
+from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
+from workflow_scripts.sap_data import DataError, load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg
-from workflow_scripts.training import pick_device, prepare_precision, resolve_precision
+from workflow_scripts.training import PLACEHOLDER_SAMPLES
 from workflow_scripts.variants import TRAINED, VARIANTS, variant_settings
 from workflow_scripts.whisper_io import transcribe, window_seconds
 
@@ -76,8 +79,10 @@ def _cost(model_dir: Path) -> dict:
 
 
 @torch.no_grad()
-def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int, precision: str = "auto") -> dict:
-    """The stock base model at its native window (not the run's shortened one), plain greedy generate."""
+def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int, precision: str = "auto",
+              split_as_kit: bool | None = None) -> dict:
+    """The stock base model at its native window (not the run's shortened one), plain greedy generate; clips
+    over 30 s in 30 s chunks and unreadable ones as empty hypotheses, as eval decodes them."""
     device = pick_device()
     model, processor = load_whisper(base_model)
     model.to(device).eval().requires_grad_(False)
@@ -86,10 +91,24 @@ def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int,
     utts = read_utterances(utterances)
     start = time.perf_counter()
     hyps: list[str] = []
+    failed: dict[int, str] = {}
     for begin in range(0, len(utts), batch_size):
-        audios = [load_audio(u.wav) for u in utts[begin:begin + batch_size]]
-        hyps += transcribe(model, processor, audios, batch_size=batch_size, precision=precision)
+        audios = []
+        for i in range(begin, min(begin + batch_size, len(utts))):
+            try:
+                audios.append(load_audio(utts[i].wav))
+            except DataError as err:
+                failed[i] = str(err)
+                audios.append(np.zeros(PLACEHOLDER_SAMPLES, np.float32))
+        chunks, owner = chunk_clips(audios)
+        texts = transcribe(model, processor, chunks, batch_size=batch_size, precision=precision)
+        joined: list[list[str]] = [[] for _ in audios]
+        for text, o in zip(texts, owner, strict=True):
+            if text:
+                joined[o].append(text)
+        hyps += ["" if begin + j in failed else " ".join(parts) for j, parts in enumerate(joined)]
     extra = {"num_experts": 0, "routing": None, "base_model": base_model, "encoder_window_s": [window_seconds(model)],
+             "coverage": evaluation.coverage(utts, failed, split_as_kit),
              "decode_seconds": round(time.perf_counter() - start, 2),
              "trainable_params": {"lora": 0, "gate": 0, "total": 0}, "train_seconds": 0.0, "utterance_passes": 0,
              "val_wer": None}
@@ -100,7 +119,7 @@ def eval_variant(variant: str, utterances: Path, base_model: str, out_dir: Path,
                  model: Path | None = None, num_workers: int = 0) -> dict:
     if variant == "zero_shot":
         metrics = zero_shot(utterances, base_model, out_dir, settings["eval"]["batch_size"],
-                            settings.get("precision", "auto"))
+                            settings.get("precision", "auto"), settings.get("split_as_kit"))
     else:
         if model is None:
             raise ValueError(f"variant {variant} needs --model (its trained folder)")

@@ -25,14 +25,12 @@ import torch
 from tqdm import tqdm
 
 from workflow_scripts.atomic import atomic_file, write_json
+from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import (
     load_base,
     make_loader,
-    pick_device,
-    prepare_precision,
-    resolve_precision,
     utterance_plan,
 )
 from workflow_scripts.whisper_io import (

@@ -1,8 +1,13 @@
-"""Stage 6: greedy decoding of the eval split with each utterance's routed expert, scored by the SAP rule.
+"""Stage 6: decoding of the eval split with each utterance's routed expert, scored by the SAP rule.
 
-Writes eval/metrics.json (overall and per-etiology WER/CER, expert usage per etiology; for a learned
+Writes eval/metrics.json (overall, per-etiology and per-prompt-category WER/CER, expert usage per
+etiology, `coverage`: how many utterances were scored and which could not be decoded; for a learned
 gate also `speaker_routing`: the scores with each speaker's utterances routed together by the gate's
-mean probabilities) and eval/per_utterance.tsv (id, speaker, etiology, expert, reference, hypothesis, wer).
+mean probabilities), eval/per_utterance.tsv (id, speaker, etiology, expert, reference, hypothesis, wer)
+and eval/predict.csv (`id,raw_hypos`, the SAP challenge kit's format: its evaluate.sh scores it).
+When the data stage selected the split as the kit does (eval.split_as_kit), every Dev wav the kit's
+manifest holds is here: clips over 30 s decoded in 30 s chunks, a clip that cannot be decoded scored as
+an empty hypothesis (as the kit scores a missing prediction) and listed under coverage.not_decoded.
 
     python -m workflow_scripts.eval --model results/quick/asr_best --utterances results/quick/data/eval.json \
         --base-model results/_models/tiny.en --out-dir results/quick/eval --settings '{...}'
@@ -21,24 +26,29 @@ from pathlib import Path
 import torch
 
 from workflow_scripts.atomic import atomic_file, write_json, write_text
-from workflow_scripts.decoding import ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
+from workflow_scripts.decoding import CHUNK_SAMPLES, ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
+from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus, score_utterance
 from workflow_scripts.settings import parse_settings_arg
-from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
+from workflow_scripts.training import load_base
 from workflow_scripts.transcribe import model_card
-from workflow_scripts.windows import window_ladder
+from workflow_scripts.windows import clip_samples, window_ladder
 
 log = logging.getLogger("eval")
 TSV_COLUMNS = ("id", "speaker", "etiology", "expert", "reference", "hypothesis", "wer")
+# The SAP challenge kit's prediction file: its evaluate.sh reads these columns (a missing id scores as empty).
+PREDICT_COLUMNS = ("id", "raw_hypos")
 
 
 def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[str], out_dir: Path,
                   extra: dict) -> dict:
-    """per_utterance.tsv and metrics.json (scores, expert usage per etiology, `extra`), each written atomically.
+    """per_utterance.tsv, predict.csv and metrics.json (scores per etiology and per prompt category, expert
+    usage per etiology, `extra`), each written atomically.
 
-    The metrics are computed from exactly the rows written, so rescoring the TSV gives the same numbers.
+    The metrics are computed from exactly the rows written, so rescoring the TSV, or the kit scoring
+    predict.csv, gives the same numbers.
     """
     usage: dict[str, Counter] = defaultdict(Counter)
     rows = []
@@ -50,6 +60,9 @@ def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[s
                      "wer": round(score_utterance(u.transcript, hyp)["wer"], 4)})
     metrics = {
         **score_corpus((u.transcript, hyp, u.etiology) for u, hyp in zip(utts, hyps, strict=True)),
+        # SAP's prompt categories (commands, novel sentences, spontaneous speech, ...): where the errors are.
+        "per_category": score_corpus((u.transcript, hyp, u.category or "unlabelled")
+                                     for u, hyp in zip(utts, hyps, strict=True))["per_etiology"],
         "expert_usage": {eti: dict(sorted(c.items())) for eti, c in sorted(usage.items())},
         "experts_used": len({e for e in experts if e is not None}),
         **extra,
@@ -58,6 +71,10 @@ def write_results(utts: list[Utterance], experts: list[int | None], hyps: list[s
         writer = csv.DictWriter(f, fieldnames=TSV_COLUMNS, delimiter="\t")
         writer.writeheader()
         writer.writerows(rows)
+    with atomic_file(out_dir / "predict.csv", "w") as f:
+        writer = csv.writer(f, lineterminator="\n")
+        writer.writerow(PREDICT_COLUMNS)
+        writer.writerows((u.id, hyp) for u, hyp in zip(utts, hyps, strict=True))
     write_json(out_dir / "metrics.json", metrics)
     return metrics
 
@@ -74,7 +91,7 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
     changed = [i for i, (a, b) in enumerate(zip(experts, spk_experts, strict=True)) if a != b]
     redone, _ = decode_routed(moe, processor, [utts[i] for i in changed], [spk_experts[i] for i in changed],
                               [spk_weights[i] for i in changed], batch_size=cfg["batch_size"], device=device,
-                              precision=precision, num_workers=num_workers)
+                              precision=precision, num_workers=num_workers, num_beams=cfg["num_beams"], failed={})
     spk_hyps = list(hyps)
     for i, hyp in zip(changed, redone, strict=True):
         spk_hyps[i] = hyp
@@ -84,6 +101,18 @@ def _speaker_routing(moe: MoEWhisper, processor, utts: list[Utterance], experts:
     return {**score_corpus((u.transcript, h, u.etiology) for u, h in zip(utts, spk_hyps, strict=True)),
             "utterances_rerouted": len(changed),
             "expert_usage": {eti: dict(sorted(c.items())) for eti, c in sorted(usage.items())}}
+
+
+def coverage(utts: list[Utterance], failed: dict[int, str], split_as_kit: bool | None) -> dict:
+    """What the scores cover: the utterances scored (all of eval.json), whether that is the challenge kit's
+    selection, how many were decoded in 30 s chunks, and the ones whose audio could not be decoded (scored
+    as empty hypotheses, as the kit scores a missing prediction)."""
+    if failed:
+        log.warning("%d utterance(s) could not be decoded and score as empty hypotheses, e.g. %s",
+                    len(failed), utts[min(failed)].wav)
+    return {"utterances": len(utts), "split_as_kit": split_as_kit,
+            "over_30s": sum(clip_samples(u.duration_s) > CHUNK_SAMPLES for u in utts),
+            "not_decoded": [{"id": utts[i].id, "wav": utts[i].wav, "error": err} for i, err in sorted(failed.items())]}
 
 
 def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, settings: dict,
@@ -112,21 +141,24 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
     routing = routing or record["routing"]
     start = time.perf_counter()
     speaker_routes = None
+    failed: dict[int, str] = {}  # utterance index -> why its audio could not be decoded
     if routing == "gate" and moe.num_experts > 1:
         emb = gate_inputs(moe, processor, utts, pooling=record["pooling"], layer=record["layer"],
-                          batch_size=cfg["batch_size"], device=device, precision=precision, num_workers=num_workers)
+                          batch_size=cfg["batch_size"], device=device, precision=precision, num_workers=num_workers,
+                          failed=failed)
         experts, weights = gate_routes(moe, emb)
         speaker_routes = gate_routes(moe, emb, [u.speaker for u in utts])
     else:
         experts, weights = route_utterances(moe, processor, utts, routing, pooling=record["pooling"],
                                             layer=record["layer"], etiologies=record["etiologies"],
                                             seed=record["seed"], batch_size=cfg["batch_size"], device=device,
-                                            precision=precision, num_workers=num_workers)
+                                            precision=precision, num_workers=num_workers, failed=failed)
     hyps, base_hyps = decode_routed(moe, processor, utts, experts, weights, batch_size=cfg["batch_size"],
                                     device=device, baseline=cfg["baseline"], precision=precision,
-                                    num_workers=num_workers)
+                                    num_workers=num_workers, num_beams=cfg["num_beams"], failed=failed)
     extra = {"num_experts": moe.num_experts, "routing": routing, "base_model": base_model,
-             "encoder_window_s": windows, "precision": precision}
+             "encoder_window_s": windows, "precision": precision, "num_beams": cfg["num_beams"],
+             "coverage": coverage(utts, failed, settings.get("split_as_kit"))}
     if encoder_window_s is not None:
         extra["trained_encoder_window_s"] = record["encoder_window_s"]
     if speaker_routes is not None:

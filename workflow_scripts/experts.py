@@ -24,6 +24,7 @@ import torch
 from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
 from workflow_scripts.atomic import atomic_dir, write_json
+from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.embeddings import embed_utterances
 from workflow_scripts.gating import check_gate_record
 from workflow_scripts.moe import read_gate_file
@@ -33,10 +34,7 @@ from workflow_scripts.train_loop import fit
 from workflow_scripts.training import (
     load_base,
     make_loader,
-    pick_device,
-    prepare_precision,
     publish_best,
-    resolve_precision,
     resume_identity,
     seed_everything,
     utterance_plan,

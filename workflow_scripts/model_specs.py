@@ -2,16 +2,25 @@
 
 The Snakefile resolves every run's base model when it builds the DAG; keeping this apart from
 base_model.py (which needs torch and transformers) keeps a no-op `snakemake -n` quick.
+
+Every spec but an existing local folder becomes a folder under results/_models/ that the base_model job
+builds once: `bundled:tiny.en` -> `tiny.en`, `tiny-random` -> `tiny-random`, and a hub id such as
+`openai/whisper-large-v2` (or `v2`) -> `hub/openai--whisper-large-v2`. Hub ids never hold `--`, so the
+folder name maps back to the id.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 HUB_IDS = {"v2": "openai/whisper-large-v2", "v3": "openai/whisper-large-v3"}
-
+HUB_FOLDER = "hub"
+# The Hugging Face hub's repo id rule (huggingface_hub.utils.validate_repo_id): `org/name` of letters, digits,
+# `-`, `_`, `.`, without `--` or `..`. Required here with the org, so that a bare word is not taken for one.
+_HUB_ID = re.compile(r"(?!.*(--|\.\.))[\w.-]+/[\w.-]+")
 
 
 class BaseModelError(ValueError):
@@ -55,15 +64,34 @@ BUNDLES: dict[str, tuple[Bundle, ...]] = {
 }
 
 
-def resolve_base_model(spec: str, models_dir: str | os.PathLike) -> str:
-    """Map a config `base_model` value to what `load_whisper` takes (hub id or folder)."""
+def hub_id(spec: str) -> str | None:
+    """The hub id a spec names (`v2`, `v3` or `org/name`), None for other specs; an existing folder is a folder."""
     if spec in HUB_IDS:
         return HUB_IDS[spec]
+    return spec if _HUB_ID.fullmatch(spec) and not Path(spec).is_dir() else None
+
+
+def resolve_base_model(spec: str, models_dir: str | os.PathLike) -> str:
+    """The local folder every stage loads a config `base_model` from: the spec itself when it is a folder,
+    else the one the base_model job builds under `models_dir`."""
     if spec.startswith("bundled:"):
         return str(Path(models_dir) / bundle_name(spec))
     if spec == "tiny-random":
-        return str(Path(models_dir) / "tiny-random")
-    return spec
+        return str(Path(models_dir) / spec)
+    repo_id = hub_id(spec)
+    if repo_id is not None:
+        return str(Path(models_dir) / HUB_FOLDER / repo_id.replace("/", "--"))
+    if Path(spec).is_dir():
+        return spec
+    raise BaseModelError(f"base_model {spec!r} is not a local folder, a hub id (org/name) or one of v2, v3, "
+                         f"tiny-random, {', '.join('bundled:' + n for n in BUNDLES)}; fix the run's base_model")
+
+
+def spec_of_folder(name: str) -> str:
+    """The spec the base_model job builds `results/_models/<name>` from (inverse of resolve_base_model)."""
+    if name.startswith(f"{HUB_FOLDER}/"):
+        return name.removeprefix(f"{HUB_FOLDER}/").replace("--", "/", 1)
+    return name if name == "tiny-random" else f"bundled:{name}"
 
 
 def bundle_name(spec: str) -> str:

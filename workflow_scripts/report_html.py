@@ -58,9 +58,18 @@ def eval_page(metrics: dict) -> str:
 
 
 def data_page(report: dict) -> str:
-    """Kept utterances per etiology and skipped ones per reason, per split."""
+    """Kept utterances per etiology and skipped ones per reason, per split; first what unpacking the SAP
+    download gave, when the run read one (sap_download)."""
     tables = []
+    if "download" in report:
+        d = report["download"]
+        rows = [["speaker tars unpacked", d["tars"]["unpacked"] + d["tars"]["already_unpacked"], ""]]
+        rows += [[r, v["count"], "; ".join(v["examples"][:2])] for r, v in d["skipped"].items() if v["count"]]
+        rows += [[f"speakers in {s}", n, ""] for s, n in sorted(d["speakers"].items())]
+        tables.append(table(f"Download {d['download']}", ["", "count", "examples"], rows))
     for split, entry in report.items():
+        if split == "download":
+            continue
         kept = [[eti, n] for eti, n in sorted(entry["kept"].items())]
         kept.append(["total", sum(entry["kept"].values())])
         tables.append(table(f"{split}: kept utterances", ["etiology", "kept"], kept))

@@ -16,6 +16,11 @@ reasons (``missing_manifest``, ``malformed_manifest``, ``manifest_missing_keys``
 ``unknown_etiology``) count manifests; the others count utterances. Audio that is not 16 kHz mono is
 kept and counted as ``resampled`` / ``downmixed``; :func:`load_audio` converts it when it is read.
 
+With ``as_kit`` a split is read as the SAP challenge kit's manifest (``utils/manifest.py`` in
+xiuwenz2/SAPC-template) lists it, for a Dev WER comparable to the challenge's: every readable wav with
+a transcript entry, of any length (``over_30s`` counts the clips eval decodes in 30 s chunks), empty
+transcripts included, and etiologies outside the run's list labelled :data:`OTHER_ETIOLOGY`.
+
 Durations come from the WAV header (``soundfile.info``) so reading ~320k Train utterances does not
 decode any audio.
 """
@@ -26,6 +31,7 @@ import json
 import logging
 import math
 import os
+import re
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
@@ -35,13 +41,10 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from workflow_scripts.atomic import write_text
+from workflow_scripts.whisper_audio import NATIVE_WINDOW_S, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-# Whisper's input: 16 kHz mono, at most 30 s (its own encoder window). Every module that handles audio
-# imports these from here, the lowest module that reads audio.
-SAMPLE_RATE = 16000
-NATIVE_WINDOW_S = 30.0
 # The etiologies SAP labels; config/schema.yaml's `etiologies` default lists the same (tests check it).
 ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
 MANIFEST_KEYS = ("Contributor ID", "Etiology", "Files")
@@ -57,7 +60,9 @@ SKIP_REASONS = (
     "unreadable_wav",
     "too_long",
 )
-CONVERSIONS = ("resampled", "downmixed")
+CONVERSIONS = ("resampled", "downmixed", "over_30s")
+# The label of a kit-read utterance whose etiology the run does not list.
+OTHER_ETIOLOGY = "other"
 MAX_EXAMPLES = 5
 
 
@@ -171,7 +176,8 @@ def _split_dir(root: Path, split: str) -> Path:
     )
 
 
-def _load_manifest(manifest: Path, split: str, report: DataReport) -> dict[str, Any] | None:
+def _load_manifest(manifest: Path, split: str, report: DataReport,
+                   required: tuple[str, ...] = MANIFEST_KEYS) -> dict[str, Any] | None:
     if not manifest.is_file():
         report.skip(split, "missing_manifest", manifest, f"expected {manifest.name} in the speaker folder")
         return None
@@ -183,22 +189,29 @@ def _load_manifest(manifest: Path, split: str, report: DataReport) -> dict[str, 
     if not isinstance(data, dict):
         report.skip(split, "malformed_manifest", manifest, "top level is not a JSON object")
         return None
-    missing = [k for k in MANIFEST_KEYS if k not in data]
+    missing = [k for k in required if k not in data]
     if missing or not isinstance(data["Files"], list):
         report.skip(split, "manifest_missing_keys", manifest, f"missing {missing or ['Files (list)']}")
         return None
     return data
 
 
+def clean_transcript(text: str) -> str:
+    """A transcript as the kit reads it: stripped, a leading `#dis` line (a marker, not speech) and newlines
+    removed."""
+    text = re.sub(r"^#dis\s*\n", "", text.strip(), count=1)
+    return text.replace("\n", "")
+
+
 def _entry_fields(entry: Any) -> tuple[str, str, str] | None:
-    """(Filename, Transcript, Category Description) of a Files entry, None if a required key lacks."""
+    """(Filename, cleaned Transcript, Category Description) of a Files entry, None if a required key lacks."""
     if not isinstance(entry, dict) or not isinstance(entry.get("Filename"), str) or not entry["Filename"]:
         return None
     prompt = entry.get("Prompt")
     if not isinstance(prompt, dict) or not isinstance(prompt.get("Transcript"), str):
         return None
     category = prompt.get("Category Description")
-    return entry["Filename"], prompt["Transcript"], category if isinstance(category, str) else ""
+    return entry["Filename"], clean_transcript(prompt["Transcript"]), category if isinstance(category, str) else ""
 
 
 def read_split(
@@ -208,11 +221,13 @@ def read_split(
     *,
     etiologies: tuple[str, ...] | list[str] = ETIOLOGIES,
     max_duration_s: float = NATIVE_WINDOW_S,
+    as_kit: bool = False,
 ) -> list[Utterance]:
     """Read every usable utterance of ``<root>/<split>``, sorted by id; count the rest in ``report``.
 
     Clips longer than ``max_duration_s`` (by default Whisper's 30 s window) are skipped (``too_long``)
-    rather than silently truncated.
+    rather than silently truncated. ``as_kit``: the challenge kit's selection (module docstring); no
+    duration limit, empty transcripts kept, unlisted etiologies kept as OTHER_ETIOLOGY.
     """
     root = Path(root).resolve()
     split_dir = _split_dir(root, split)
@@ -226,14 +241,17 @@ def read_split(
     utts: list[Utterance] = []
     for speaker_dir in speaker_dirs:
         manifest = speaker_dir / f"{speaker_dir.name}.json"
-        data = _load_manifest(manifest, split, report)
+        # The kit needs only "Files": a speaker without an etiology or ID still counts in its Dev WER.
+        data = _load_manifest(manifest, split, report, ("Files",) if as_kit else MANIFEST_KEYS)
         if data is None:
             continue
-        etiology = str(data["Etiology"]).strip()
-        if etiology not in allowed:
+        etiology = str(data.get("Etiology") or "").strip()
+        if etiology not in allowed and as_kit:
+            etiology = OTHER_ETIOLOGY
+        elif etiology not in allowed:
             report.skip(split, "unknown_etiology", manifest, f"{etiology!r} not in {sorted(allowed)}")
             continue
-        speaker = str(data["Contributor ID"])
+        speaker = str(data.get("Contributor ID") or speaker_dir.name)
         for i, entry in enumerate(data["Files"]):
             parsed = _entry_fields(entry)
             if parsed is None:
@@ -246,7 +264,7 @@ def read_split(
             if uid in seen:
                 report.skip(split, "duplicate_id", wav, f"utterance id {uid} already read")
                 continue
-            if not transcript.strip():
+            if not transcript and not as_kit:
                 report.skip(split, "empty_transcript", wav)
                 continue
             if not wav.is_file():
@@ -261,9 +279,11 @@ def read_split(
                 report.skip(split, "unreadable_wav", wav, "no audio frames")
                 continue
             duration = info.frames / info.samplerate
-            if duration > max_duration_s:
+            if duration > max_duration_s and not as_kit:
                 report.skip(split, "too_long", wav, f"{duration:.1f} s > {max_duration_s} s")
                 continue
+            if duration > NATIVE_WINDOW_S:
+                report.convert(split, "over_30s", wav)
             if info.samplerate != SAMPLE_RATE:
                 report.convert(split, "resampled", wav)
             if info.channels > 1:

@@ -128,6 +128,8 @@ def resolve_run(config: dict, run: str) -> dict:
     settings["name"] = run
     # Derived, not a config key: the inference stages need the precision but not the rest of `training`.
     settings["precision"] = precision_setting(settings["training"])
+    # Derived too: the data stage picks the eval utterances but must not rerun when an eval setting changes.
+    settings["split_as_kit"] = split_as_kit(settings)
     data = settings["data"]
     scale = (data["data_percent"] or 100.0) / 100.0
     for key in ("embedding_percent", "expert_percent", "asr_percent"):
@@ -141,6 +143,14 @@ def precision_setting(training: dict) -> str:
     if training.get("precision", "auto") != "auto":
         return training["precision"]
     return {True: "fp16", False: "fp32"}.get(training.get("fp16", "auto"), "auto")
+
+
+def split_as_kit(settings: dict) -> bool:
+    """eval.split_as_kit with auto resolved: the kit's selection for an SAP tree, not for a generated corpus."""
+    setting = settings["eval"]["split_as_kit"]
+    if setting == "auto":
+        return not settings["dataset_root"].startswith("synthetic:")
+    return setting
 
 
 def stage_settings(settings: dict, *sections: str) -> dict:

@@ -10,7 +10,11 @@ periodic and best checkpoints, early stopping, a progress line and per-step metr
 
 Per-step metrics go to <work_dir>/metrics.jsonl, one JSON object per `training.log_every_steps`
 optimizer steps: step, epoch, learning rate, gradient norm, the recipe's loss parts, expert usage
-and utterances per second. Statistics stay on the device between those read-outs.
+and utterances per second. Statistics stay on the device between those read-outs. With
+`training.tensorboard` the same points and each validation also go to TensorBoard event files in
+<work_dir>/tensorboard (train_watch), copied into the best checkpoint folder at the end so that they are
+published with metrics.jsonl. The progress line shows the loss, utterances per second and an upper
+bound of the time left in the stage.
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ from tqdm import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 from workflow_scripts.atomic import write_text
+from workflow_scripts.train_watch import TENSORBOARD_DIR, StageClock, TensorBoardLog
 from workflow_scripts.training import load_resume, save_resume
 
 log = logging.getLogger("train_loop")
@@ -136,7 +141,10 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
     rank0 = world()[1] == 0
     if rank0:
         _truncate_metrics(metrics_path, st["global_step"])
+    board = (TensorBoardLog(work_dir / TENSORBOARD_DIR, st["global_step"] if state else None)
+             if rank0 and tcfg["tensorboard"] else None)
     started = time.perf_counter()
+    clock = StageClock([len(plan) for plan in plans], st["epoch"], st["batch_in_epoch"])
 
     def checkpoint() -> None:
         if not rank0:
@@ -154,10 +162,13 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
     def flush(epoch: int) -> None:
         nonlocal interval, interval_start, interval_utts, micro, interval_steps
         entry = _read_out(interval, micro, st, epoch, lr, interval_utts, interval_start, max(interval_steps, 1))
-        bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", utt_s=entry["utterances_per_s"])
+        bar.set_postfix(loss=f"{entry.get('loss', float('nan')):.4f}", utt_s=entry["utterances_per_s"],
+                        stage_eta=clock.describe())
         if rank0:
             with metrics_path.open("a") as f:
                 f.write(json.dumps(entry) + "\n")
+        if board:
+            board.train(entry)
         interval, interval_start, interval_utts, micro, interval_steps = {}, time.perf_counter(), 0, 0, 0
 
     while st["epoch"] <= len(plans) and not st["stopped"]:
@@ -199,6 +210,7 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
                 sums[key] = sums.get(key, 0) + value
                 interval[key] = interval.get(key, 0) + value
             bar.update(1)
+            clock.tick()
             if (i + 1) % accum and i + 1 != n_batches:
                 continue
             # One all-reduce per step for what the processes did together (nothing to reduce with one).
@@ -256,6 +268,8 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
                 entry[f"train_{key}"] = value.item() / max(windows if key.startswith("window_") else seen, 1)
         if epoch % tcfg["eval_every_n_epochs"] == 0 or epoch == len(plans):
             entry.update(recipe.validate())
+            if board:
+                board.validation(entry, st["global_step"])
             key = improved(entry, st["best"], select_by)
             if key is not None:
                 st["best"], st["since_best"], st["best_epoch"] = key, 0, epoch
@@ -276,6 +290,8 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
         # Validation never improved on +inf (a non-finite loss): keep the last weights, flagged.
         log.warning("%s: validation never gave a finite result; keeping the last weights", name)
         recipe.save(best_dir)
+    if board:
+        board.publish(best_dir)
     return {"history": st["history"], "best_epoch": st["best_epoch"] or None,
             "utterance_passes": st["utterance_passes"], "skipped_steps": st["skipped_steps"],
             "train_seconds": round(st["train_seconds"] + time.perf_counter() - started, 2), "best_dir": best_dir,

@@ -10,7 +10,6 @@ import hashlib
 import io
 import json
 import logging
-import os
 import random
 import shutil
 from collections.abc import Sequence
@@ -22,19 +21,12 @@ from torch.utils.data import DataLoader, Dataset
 
 from workflow_scripts.atomic import atomic_dir, atomic_file, write_json
 from workflow_scripts.base_model import load_whisper
-from workflow_scripts.sap_data import Utterance, load_audio
+from workflow_scripts.sap_data import DataError, Utterance, load_audio
 from workflow_scripts.sap_text import training_text
-from workflow_scripts.whisper_io import HALF_DTYPES, PRECISIONS, input_features, label_ids, use_encoder_windows
+from workflow_scripts.whisper_io import input_features, label_ids, use_encoder_windows
 from workflow_scripts.windows import batch_plan, clip_samples, window_ladder
 
 log = logging.getLogger("training")
-
-
-def pick_device() -> torch.device:
-    """This process's accelerator: with torchrun, the GPU of its local rank."""
-    if not torch.cuda.is_available():
-        return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
 
 
 def seed_everything(seed: int) -> None:
@@ -50,18 +42,33 @@ def load_base(base_model: str, encoder_window_s):
     return model, processor
 
 
-class AudioDataset(Dataset):
-    """(audio, training text, index) per utterance; audio decoding runs in DataLoader workers."""
+# What an inference loader decodes in place of a clip it could not read: a tenth of a second of silence,
+# so the batch still runs; the clip's result is discarded and the failure reported (Collate's "failed").
+PLACEHOLDER_SAMPLES = 1600
 
-    def __init__(self, utts: Sequence[Utterance]):
+
+class AudioDataset(Dataset):
+    """(audio, training text, index, error) per utterance; audio decoding runs in DataLoader workers.
+
+    With `tolerate_unreadable` (inference only), a clip that cannot be decoded becomes a placeholder and
+    its error travels with the batch; in training it raises, naming the file."""
+
+    def __init__(self, utts: Sequence[Utterance], tolerate_unreadable: bool = False):
         self.utts = list(utts)
+        self.tolerate_unreadable = tolerate_unreadable
 
     def __len__(self) -> int:
         return len(self.utts)
 
     def __getitem__(self, i: int):
         u = self.utts[i]
-        return load_audio(u.wav), training_text(u.transcript), i
+        try:
+            audio = load_audio(u.wav)
+        except DataError as err:
+            if not self.tolerate_unreadable:
+                raise
+            return np.zeros(PLACEHOLDER_SAMPLES, np.float32), "", i, str(err)
+        return audio, training_text(u.transcript), i, None
 
 
 class Collate:
@@ -73,12 +80,13 @@ class Collate:
     def __call__(self, items) -> dict:
         if not items:  # a rank's empty share of a small global batch (several processes)
             return {"index": []}
-        audios, texts, idx = zip(*items, strict=True)
+        audios, texts, idx, errors = zip(*items, strict=True)
         return {
             "input_features": input_features(self.processor, audios, self.windows),
             "labels": label_ids(self.processor, texts),
             "num_samples": [len(a) for a in audios],
             "index": list(idx),
+            "failed": {i: err for i, err in zip(idx, errors, strict=True) if err is not None},
         }
 
 
@@ -91,47 +99,20 @@ def utterance_plan(utts: Sequence[Utterance], windows: Sequence[float], batch_si
 
 
 def make_loader(utts: Sequence[Utterance], processor, plan: Sequence[Sequence[int]], *, windows: Sequence[float],
-                num_workers: int, seed: int = 0) -> DataLoader:
+                num_workers: int, seed: int = 0, tolerate_unreadable: bool = False) -> DataLoader:
     """The batches of `plan` (utterance_plan), audio decoded in `num_workers` workers into pinned memory
     (workers kept between passes over a loader that is reused, such as validation's).
 
     A resumed epoch passes the plan without the batches already trained: the plan depends only on its
     seed, so the run sees exactly the batches the interrupted one had left, without decoding the
-    audio of the skipped ones.
+    audio of the skipped ones. `tolerate_unreadable`: see AudioDataset (inference).
     """
     # Its own generator: DataLoader otherwise draws worker seeds from the global RNG, which would
     # shift dropout after a resume.
-    return DataLoader(AudioDataset(utts), batch_sampler=[list(b) for b in plan], num_workers=num_workers,
-                      collate_fn=Collate(processor, windows), pin_memory=torch.cuda.is_available(),
-                      persistent_workers=num_workers > 0, generator=torch.Generator().manual_seed(seed))
-
-
-def resolve_precision(setting: str, device: torch.device) -> str:
-    """fp32, fp16 or bf16 on this device. auto: bf16 on a CUDA device that has it, else fp16 on CUDA,
-    fp32 on the CPU. An explicit fp16/bf16 on the CPU runs (CPU autocast does both), slowly."""
-    if setting == "auto":
-        if device.type != "cuda":
-            return "fp32"
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    if setting not in PRECISIONS:
-        raise ValueError(f"training.precision={setting!r}: use auto or one of {PRECISIONS}")
-    if setting != "fp32" and device.type != "cuda":
-        log.warning("%s on the CPU: autocast runs it, but several times slower than fp32", setting)
-    return setting
-
-
-def prepare_precision(model: torch.nn.Module, precision: str, device: torch.device) -> None:
-    """On CUDA: TF32 matmuls, and the frozen weights held in the half dtype (half the memory and
-    bandwidth); trainable weights (adapters, gate) stay float32, as the optimizer needs. On the CPU
-    nothing is cast: autocast alone runs the half-precision path."""
-    if device.type != "cuda":
-        return
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-    if precision in HALF_DTYPES:
-        for p in model.parameters():
-            if not p.requires_grad:
-                p.data = p.data.to(HALF_DTYPES[precision])
+    return DataLoader(AudioDataset(utts, tolerate_unreadable), batch_sampler=[list(b) for b in plan],
+                      num_workers=num_workers, collate_fn=Collate(processor, windows),
+                      pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0,
+                      generator=torch.Generator().manual_seed(seed))
 
 
 # A resume checkpoint ends with the SHA-256 of everything before it and this tag. A file cut short or
@@ -185,7 +166,8 @@ def read_checkpoint(path: Path) -> dict | None:
 # same weights, so their settings are here too.
 RESUME_NEUTRAL = {
     "training": {"num_workers", "eval_every_n_epochs", "save_every_n_epochs", "checkpoint_every_steps", "patience",
-                 "patience_unit", "select_best_by", "val_wer_samples", "log_every_steps", "max_nonfinite_steps"},
+                 "patience_unit", "select_best_by", "val_wer_samples", "log_every_steps", "max_nonfinite_steps",
+                 "tensorboard"},
     "embeddings": {"batch_size", "checkpoint_every"},
 }
 

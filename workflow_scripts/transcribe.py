@@ -5,7 +5,8 @@
 Each result holds the text, the expert the gate chose and its probability. Files are read as eval
 reads them (any rate or channel count, converted to 16 kHz mono, and said so) and decoded with the
 model's encoder windows and the same precision rule as eval. Audio over 30 s is cut into 30 s chunks
-that go to one expert (the gate's mean probabilities over the chunks), and the result says so. A file
+that go to one expert, routed as eval routes such a clip (workflow_scripts/decoding.py), and the result
+says so. A file
 that cannot be read gets an error line of its own; the others are still transcribed, and the exit
 status is 1. In Python:
 
@@ -30,15 +31,14 @@ import numpy as np
 import soundfile as sf
 import torch
 
-from workflow_scripts.decoding import audio_batches, decode_batches, pooled_gate_rows
+from workflow_scripts.decoding import chunk_clips, clip_gate_rows, decode_clips
+from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.moe import MoEWhisper
-from workflow_scripts.sap_data import SAMPLE_RATE, load_audio
-from workflow_scripts.training import load_base, pick_device, prepare_precision, resolve_precision
-from workflow_scripts.whisper_io import encoder_windows
-from workflow_scripts.windows import NATIVE_WINDOW_S
+from workflow_scripts.sap_data import load_audio
+from workflow_scripts.training import load_base
+from workflow_scripts.whisper_audio import NATIVE_WINDOW_S, SAMPLE_RATE
 
 AUDIO_SUFFIXES = (".wav", ".flac")
-CHUNK_SAMPLES = round(NATIVE_WINDOW_S * SAMPLE_RATE)
 FIELDS = ("file", "text", "expert", "gate_probability", "duration_s", "notes", "error")
 
 
@@ -99,44 +99,43 @@ def transcribe(model: Model, paths: Sequence[str | Path], batch_size: int = 8) -
     """One result per audio file (folders expanded): file, text, expert, gate_probability, duration_s, notes;
     or file and error for a file that could not be read."""
     results: list[dict] = []
-    chunks: list[np.ndarray] = []
-    owner: list[int] = []  # result index of each chunk
+    audios: list[np.ndarray] = []
+    owner: list[int] = []  # result index of each readable file
     for path in audio_files(paths):
         try:
             audio, notes = read_audio(path)
         except Exception as err:  # noqa: BLE001 - any failure is this file's alone; it is reported, not raised
             results.append({"file": str(path), "error": str(err)})
             continue
-        pieces = [audio[i:i + CHUNK_SAMPLES] for i in range(0, len(audio), CHUNK_SAMPLES)]
-        if len(pieces) > 1:
-            notes.append(f"longer than {NATIVE_WINDOW_S:g} s: decoded in {len(pieces)} chunks of up to "
+        pieces = len(chunk_clips([audio])[0])
+        if pieces > 1:
+            notes.append(f"longer than {NATIVE_WINDOW_S:g} s: decoded in {pieces} chunks of up to "
                          f"{NATIVE_WINDOW_S:g} s, joined")
         results.append({"file": str(path), "duration_s": round(len(audio) / SAMPLE_RATE, 2), "notes": notes})
-        chunks += pieces
-        owner += [len(results) - 1] * len(pieces)
-    if not chunks:
+        audios.append(audio)
+        owner.append(len(results) - 1)
+    if not audios:
         return results
-    moe, windows = model.moe, encoder_windows(model.moe.base)
-    experts, weights = [0] * len(chunks), None
+    moe = model.moe
+    experts, weights = [0] * len(audios), None
     if moe.gate is not None and moe.num_experts > 1:
-        rows = pooled_gate_rows(moe, audio_batches(model.processor, chunks, windows, batch_size), len(chunks),
-                                pooling=model.record["pooling"], layer=model.record.get("layer", "last"),
-                                device=model.device, precision=model.precision)
+        rows = clip_gate_rows(moe, model.processor, audios, pooling=model.record["pooling"],
+                              layer=model.record.get("layer", "last"), batch_size=batch_size, device=model.device,
+                              precision=model.precision)
         probs = moe.route(rows.to(model.device)).probs.cpu()
-        for r in {*owner}:
-            mean = probs[[i for i, o in enumerate(owner) if o == r]].mean(0)
-            k = int(mean.argmax())
-            results[r].update(expert=k, gate_probability=round(float(mean[k]), 4))
-        experts = [results[o]["expert"] for o in owner]
+        experts = probs.argmax(1).tolist()
+        chosen = [float(probs[i, k]) for i, k in enumerate(experts)]
         if moe.config["weighting"] != "straight_through":
-            weights = [float(probs[i, experts[i]]) for i in range(len(chunks))]
+            weights = chosen
+        for r, k, p in zip(owner, experts, chosen, strict=True):
+            results[r].update(expert=k, gate_probability=round(p, 4))
     else:
-        for r in {*owner}:
+        for r in owner:
             results[r].update(expert=0, gate_probability=None)
-    texts, _ = decode_batches(moe, model.processor, audio_batches(model.processor, chunks, windows, batch_size),
-                              len(chunks), experts, weights, device=model.device, precision=model.precision)
-    for r in {*owner}:
-        results[r]["text"] = " ".join(t for t, o in zip(texts, owner, strict=True) if o == r and t)
+    texts, _ = decode_clips(moe, model.processor, audios, experts, weights, batch_size=batch_size,
+                            device=model.device, precision=model.precision)
+    for r, text in zip(owner, texts, strict=True):
+        results[r]["text"] = text
     return results
 
 

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from transformers import WhisperForConditionalGeneration, WhisperProcessor
 
-from workflow_scripts.sap_data import SAMPLE_RATE
+from workflow_scripts.whisper_audio import SAMPLE_RATE
 from workflow_scripts.windows import (
     MEL_FRAMES_PER_POSITION,
     POSITIONS_PER_SECOND,

@@ -17,7 +17,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from workflow_scripts.sap_data import NATIVE_WINDOW_S, SAMPLE_RATE
+from workflow_scripts.whisper_audio import NATIVE_WINDOW_S, SAMPLE_RATE
 
 # Whisper's encoder runs at 50 positions per second of audio: log-mel frames every 10 ms (100 per
 # second), halved by the stride-2 second convolution.

@@ -1,0 +1,192 @@
+"""How long reading the manifests of a full-size SAP Train split takes (`workflow_scripts.sap_data.read_split`).
+
+Generates, once, an SAP-format tree at the real corpus's scale: 833 speakers x 385 utterances (~320k, the
+real Train split), each speaker's JSON with the survey fields, prompts and a share of ratings, each wav a
+valid 0.1 s 16 kHz clip (3.2 kB, so the tree is ~1.3 GB on disk with 4 kB blocks). Cached under
+results/_bench/ (git-ignored) and reused; built in a temp folder and renamed, so a killed build is redone.
+
+Then times, interleaved over --repeats rounds (median and range of wall time, and the CPU time of this process,
+which load from other processes on a shared machine inflates less):
+- read_split: as it is, a `soundfile.info` (libsndfile) per wav for the duration.
+- fast_header: the same read_split with the header parsed in Python (RIFF chunks, no libsndfile).
+- threaded_info: the same read_split after `soundfile.info` ran for every wav on --threads threads.
+Every variant must return exactly the utterances of read_split. With --cold (root only) the page cache is
+dropped before each timing, as on a first read of a real corpus; otherwise the files are cached.
+
+    .venv/bin/python bench/read_manifests.py [--root results/_bench/sap_833] [--repeats 3] [--cold]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import shutil
+import statistics
+import struct
+import sys
+import tempfile
+import time
+import types
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import soundfile as sf
+
+from workflow_scripts import sap_data
+from workflow_scripts.sap_data import ETIOLOGIES, SAMPLE_RATE, DataReport, read_split
+
+SPEAKERS, PER_SPEAKER = 833, 385
+CLIP_S = 0.1
+# Real Train speakers per etiology (DESIGN.md: Parkinson's 129k, ALS 85k, CP 59k, DS 29k, Stroke 18k
+# utterances), as shares of the 833 speakers.
+SHARES = (0.40, 0.27, 0.18, 0.09, 0.06)
+DONE = ".complete"
+
+
+def wav_bytes(seconds: float = CLIP_S) -> bytes:
+    frames = round(seconds * SAMPLE_RATE)
+    data = bytes(2 * frames)
+    fmt = struct.pack("<HHIIHH", 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
+    return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+            + b"data" + struct.pack("<I", len(data)) + data)
+
+
+def speaker_manifest(speaker: str, etiology: str, n: int) -> dict:
+    files = []
+    for i in range(n):
+        entry = {
+            "Filename": f"{speaker}_{1000 + i}_{i % 7}_16kHz.wav",
+            "Created": "2023-07-13 18:15:53", "CreatedOrModified": "2023-07-16 15:46:08", "Comment": "",
+            "Prompt": {"Prompt Text": f"Set a timer for {i} minutes.", "Transcript": f"Set a timer for {i} minutes.",
+                       "Category Description": "Digital Assistant Commands",
+                       "Sub Category Description": "Everyday Tasks and Planning"},
+        }
+        if i % 10 == 0:  # a share of files carries clinician ratings, as in the release
+            entry["Ratings"] = [{"Level": "2", "Comment": "", "Dimension Description": d,
+                                 "Dimension Category Description": etiology, "RatingDate": "2023-10-03 09:08:11"}
+                                for d in ("Intelligibility", "Naturalness", "Monopitch", "Imprecise consonants")]
+        files.append(entry)
+    return {"Contributor ID": speaker, "Do you consider U.S. English to be your first language": "Yes",
+            "What language(s) do you speak": "No Response Supplied", "Etiology": etiology, "BlockNumber": 5,
+            "Files": files}
+
+
+def _write_speaker(args: tuple[Path, int]) -> None:
+    split_dir, index = args
+    bounds = [round(SPEAKERS * sum(SHARES[: k + 1])) for k in range(len(SHARES))]
+    etiology = ETIOLOGIES[next(k for k, b in enumerate(bounds) if index < b)]
+    speaker = f"{index:08x}-0000-4000-8000-{index:012x}"
+    folder = split_dir / speaker
+    folder.mkdir()
+    manifest = speaker_manifest(speaker, etiology, PER_SPEAKER)
+    (folder / f"{speaker}.json").write_text(json.dumps(manifest, indent=2))
+    audio = wav_bytes()
+    for entry in manifest["Files"]:
+        (folder / entry["Filename"]).write_bytes(audio)
+
+
+def build(root: Path, jobs: int) -> None:
+    """The tree at `root` (Train only), unless a complete one is there."""
+    if (root / DONE).is_file():
+        return
+    root.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
+    try:
+        (tmp / "Train").mkdir()
+        start = time.perf_counter()
+        with mp.Pool(jobs) as pool:
+            pool.map(_write_speaker, [(tmp / "Train", i) for i in range(SPEAKERS)], chunksize=8)
+        (tmp / DONE).write_text(json.dumps({"speakers": SPEAKERS, "per_speaker": PER_SPEAKER}))
+        shutil.rmtree(root, ignore_errors=True)
+        os.replace(tmp, root)
+        print(f"generated {SPEAKERS * PER_SPEAKER} utterances in {time.perf_counter() - start:.0f} s", file=sys.stderr)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def fast_info(path: str) -> types.SimpleNamespace:
+    """frames / samplerate / channels of a WAV from its RIFF chunks; libsndfile for anything unusual."""
+    with open(path, "rb") as f:
+        head = f.read(4096)
+        size = os.fstat(f.fileno()).st_size
+    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
+        return sf.info(path)  # not a plain RIFF/WAVE: let libsndfile read it (or raise its error)
+    pos, fmt = 12, None
+    while pos + 8 <= len(head):
+        chunk, length = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
+        if chunk == b"fmt " and pos + 24 <= len(head):
+            _, channels, rate, _, block_align, _ = struct.unpack_from("<HHIIHH", head, pos + 8)
+            fmt = (channels, rate, block_align)
+        elif chunk == b"data" and fmt and fmt[2]:
+            # A header whose data size runs past the file end (cut-off copy, streamed wav) counts what is there.
+            frames = min(length, size - pos - 8) // fmt[2]
+            return types.SimpleNamespace(frames=frames, samplerate=fmt[1], channels=fmt[0])
+        pos += 8 + length + (length & 1)
+    return sf.info(path)
+
+
+def _with_info(info: Callable) -> Callable[[Path], list]:
+    def run(root: Path) -> list:
+        real = sap_data.sf
+        sap_data.sf = types.SimpleNamespace(info=info)
+        try:
+            return read_split(root, "Train", DataReport())
+        finally:
+            sap_data.sf = real
+    return run
+
+
+def threaded(threads: int) -> Callable[[Path], list]:
+    def run(root: Path) -> list:
+        wavs = [str(p) for p in (root.resolve() / "Train").glob("*/*.wav")]
+        with ThreadPoolExecutor(threads) as pool:
+            infos = dict(zip(wavs, pool.map(sf.info, wavs, chunksize=256), strict=True))
+        return _with_info(lambda path: infos.get(path) or sf.info(path))(root)
+    return run
+
+
+def drop_caches() -> None:
+    os.sync()
+    with open("/proc/sys/vm/drop_caches", "w") as f:
+        f.write("3\n")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--root", type=Path, default=Path("results/_bench/sap_833"))
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=8)
+    parser.add_argument("--jobs", type=int, default=2, help="processes generating the tree")
+    parser.add_argument("--cold", action="store_true", help="drop the page cache before each timing (root)")
+    args = parser.parse_args(argv)
+    build(args.root, args.jobs)
+    variants = {"read_split": lambda root: read_split(root, "Train", DataReport()),
+                "fast_header": _with_info(fast_info), "threaded_info": threaded(args.threads)}
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    reference = None
+    for _ in range(args.repeats):
+        for name, run in variants.items():
+            if args.cold:
+                drop_caches()
+            start, start_cpu = time.perf_counter(), time.process_time()
+            utts = run(args.root)
+            times[name].append(time.perf_counter() - start)
+            cpu[name].append(time.process_time() - start_cpu)
+            reference = reference or utts
+            if utts != reference:
+                raise SystemExit(f"{name} read different utterances than read_split")
+    n = len(reference)
+    print(f"{n} utterances, {SPEAKERS} speakers, {'cold' if args.cold else 'warm'} page cache, "
+          f"{args.repeats} rounds")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"{name:14s} {med:7.2f} s (range {min(ts):.2f}-{max(ts):.2f}), CPU {statistics.median(cpu[name]):6.2f} s"
+              f"  {n / med:9.0f} utterances/s")
+
+
+if __name__ == "__main__":
+    main()
