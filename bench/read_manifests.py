@@ -5,13 +5,11 @@ real Train split), each speaker's JSON with the survey fields, prompts and a sha
 valid 0.1 s 16 kHz clip (3.2 kB, so the tree is ~1.3 GB on disk with 4 kB blocks). Cached under
 results/_bench/ (git-ignored) and reused; built in a temp folder and renamed, so a killed build is redone.
 
-Then times, interleaved over --repeats rounds (median and range of wall time, and the CPU time of this process,
-which load from other processes on a shared machine inflates less):
-- read_split: as it is, a `soundfile.info` (libsndfile) per wav for the duration.
-- fast_header: the same read_split with the header parsed in Python (RIFF chunks, no libsndfile).
-- threaded_info: the same read_split after `soundfile.info` ran for every wav on --threads threads.
-Every variant must return exactly the utterances of read_split. With --cold (root only) the page cache is
-dropped before each timing, as on a first read of a real corpus; otherwise the files are cached.
+Then times, interleaved over --repeats rounds (median and range of wall time):
+- read_split: as it is (speakers over processes, WAV headers parsed by workflow_scripts/wav_header.py);
+- before: read_split in one process with a `soundfile.info` (libsndfile) per wav, as it was.
+Both must return exactly the same utterances. With --cold (root only) the page cache is dropped before each
+timing, as on a first read of a real corpus; otherwise the files are cached.
 
     .venv/bin/python bench/read_manifests.py [--root results/_bench/sap_833] [--repeats 3] [--cold]
 """
@@ -28,9 +26,6 @@ import struct
 import sys
 import tempfile
 import time
-import types
-from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import soundfile as sf
@@ -107,45 +102,15 @@ def build(root: Path, jobs: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def fast_info(path: str) -> types.SimpleNamespace:
-    """frames / samplerate / channels of a WAV from its RIFF chunks; libsndfile for anything unusual."""
-    with open(path, "rb") as f:
-        head = f.read(4096)
-        size = os.fstat(f.fileno()).st_size
-    if head[:4] != b"RIFF" or head[8:12] != b"WAVE":
-        return sf.info(path)  # not a plain RIFF/WAVE: let libsndfile read it (or raise its error)
-    pos, fmt = 12, None
-    while pos + 8 <= len(head):
-        chunk, length = head[pos:pos + 4], struct.unpack_from("<I", head, pos + 4)[0]
-        if chunk == b"fmt " and pos + 24 <= len(head):
-            _, channels, rate, _, block_align, _ = struct.unpack_from("<HHIIHH", head, pos + 8)
-            fmt = (channels, rate, block_align)
-        elif chunk == b"data" and fmt and fmt[2]:
-            # A header whose data size runs past the file end (cut-off copy, streamed wav) counts what is there.
-            frames = min(length, size - pos - 8) // fmt[2]
-            return types.SimpleNamespace(frames=frames, samplerate=fmt[1], channels=fmt[0])
-        pos += 8 + length + (length & 1)
-    return sf.info(path)
-
-
-def _with_info(info: Callable) -> Callable[[Path], list]:
-    def run(root: Path) -> list:
-        real = sap_data.sf
-        sap_data.sf = types.SimpleNamespace(info=info)
-        try:
-            return read_split(root, "Train", DataReport())
-        finally:
-            sap_data.sf = real
-    return run
-
-
-def threaded(threads: int) -> Callable[[Path], list]:
-    def run(root: Path) -> list:
-        wavs = [str(p) for p in (root.resolve() / "Train").glob("*/*.wav")]
-        with ThreadPoolExecutor(threads) as pool:
-            infos = dict(zip(wavs, pool.map(sf.info, wavs, chunksize=256), strict=True))
-        return _with_info(lambda path: infos.get(path) or sf.info(path))(root)
-    return run
+def before(root: Path) -> list:
+    """read_split as it was: one process, `soundfile.info` (libsndfile) per wav."""
+    parallel, info = sap_data.PARALLEL_SPEAKERS, sap_data.wav_info
+    sap_data.PARALLEL_SPEAKERS = sys.maxsize
+    sap_data.wav_info = lambda path: (lambda i: (i.frames, i.samplerate, i.channels))(sf.info(str(path)))
+    try:
+        return read_split(root, "Train", DataReport())
+    finally:
+        sap_data.PARALLEL_SPEAKERS, sap_data.wav_info = parallel, info
 
 
 def drop_caches() -> None:
@@ -158,13 +123,11 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--root", type=Path, default=Path("results/_bench/sap_833"))
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=8)
     parser.add_argument("--jobs", type=int, default=2, help="processes generating the tree")
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each timing (root)")
     args = parser.parse_args(argv)
     build(args.root, args.jobs)
-    variants = {"read_split": lambda root: read_split(root, "Train", DataReport()),
-                "fast_header": _with_info(fast_info), "threaded_info": threaded(args.threads)}
+    variants = {"read_split": lambda root: read_split(root, "Train", DataReport()), "before": before}
     times: dict[str, list[float]] = {name: [] for name in variants}
     cpu: dict[str, list[float]] = {name: [] for name in variants}
     reference = None
@@ -184,8 +147,10 @@ def main(argv: list[str] | None = None) -> None:
           f"{args.repeats} rounds")
     for name, ts in times.items():
         med = statistics.median(ts)
-        print(f"{name:14s} {med:7.2f} s (range {min(ts):.2f}-{max(ts):.2f}), CPU {statistics.median(cpu[name]):6.2f} s"
-              f"  {n / med:9.0f} utterances/s")
+        print(f"{name:14s} {med:7.2f} s (range {min(ts):.2f}-{max(ts):.2f}), CPU of this process "
+              f"{statistics.median(cpu[name]):6.2f} s  {n / med:9.0f} utterances/s")
+    ratio = statistics.median(b / a for a, b in zip(times["read_split"], times["before"], strict=True))
+    print(f"read_split is {ratio:.2f}x faster than before (median of the rounds' ratios)")
 
 
 if __name__ == "__main__":

@@ -148,12 +148,16 @@ def kit_manifest(corpus: Path, split: str) -> dict[str, tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def finished_run(tmp_path_factory, tiny_corpus) -> Path:
-    """One real run of the whole pipeline (tiny corpus, tiny random Whisper), and one without
-    pretraining at the default window ladder on a corpus with clips up to 31 s, every Dev clip evaluated."""
+    """One real run of the whole pipeline (tiny corpus, tiny random Whisper), and one without pretraining at
+    the default window ladder that reads a SAP download (tars) of a corpus with clips up to 31 s and Dev
+    utterances only the challenge kit scores, every one of them evaluated."""
+    from test_sap_download import make_download  # here: that module imports this one's helpers
+
     workdir = tmp_path_factory.mktemp("workflow")
+    long_corpus = add_kit_edge_cases(corpus_with_long_clips(tiny_corpus, workdir / "corpus"))
     # A dataset_root with a space and a `;`: unquoted in a shell command it would split the path and run `touch`.
-    long_corpus = add_kit_edge_cases(corpus_with_long_clips(tiny_corpus, workdir / HOSTILE_DIR_NAME))
-    plain = {**TEST_RUN, "skip_pretraining": True, "num_experts": 3, "dataset_root": str(long_corpus),
+    download = make_download(long_corpus, workdir / HOSTILE_DIR_NAME)
+    plain = {**TEST_RUN, "skip_pretraining": True, "num_experts": 3, "dataset_root": str(download.parent),
              "data": {**TEST_RUN["data"], "eval_samples": None}}
     del plain["encoder_window_s"]
     write_runs(workdir, {"t": TEST_RUN, "plain": plain})
@@ -313,7 +317,7 @@ def test_eval_scores_dev_as_the_challenge_kit_does(finished_run):
     empty transcripts too), writes predict.csv in the kit's format, and the kit's rule applied to predict.csv
     gives metrics.json's WER; the synthetic run keeps its own selection."""
     run = finished_run / "results" / "plain"
-    corpus = finished_run / HOSTILE_DIR_NAME
+    corpus = finished_run / "corpus"  # the tree the download was packed from
     kit = kit_manifest(corpus, "Dev")
     with (run / "eval" / "predict.csv").open(newline="") as f:
         rows = list(csv.reader(f))
@@ -330,6 +334,9 @@ def test_eval_scores_dev_as_the_challenge_kit_does(finished_run):
                   for e in json.loads(p.read_text())["Files"]}
     assert set(metrics["per_category"]) <= categories and sum(v["n"] for v in metrics["per_category"].values()) \
         == len(kit)
+    report = json.loads((run / "data_report.json").read_text())
+    assert report["download"]["speakers"]["Dev"] == len(list((corpus / "Dev").iterdir()))
+    assert all("/results/_datasets/" in u["wav"] for u in json.loads((run / "data" / "eval.json").read_text()))
     synthetic = json.loads((finished_run / "results" / "t" / "eval" / "metrics.json").read_text())
     assert synthetic["coverage"]["split_as_kit"] is False and synthetic["overall"]["n"] == 6
 
