@@ -21,7 +21,8 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from workflow_scripts.device import prepare_precision
-from workflow_scripts.moe import GateMLP, MoEWhisper
+from workflow_scripts.gate_mlp import GateMLP
+from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.whisper_audio import SAMPLE_RATE
 from workflow_scripts.whisper_io import autocast, use_encoder_windows
 from workflow_scripts.windows import (

@@ -37,7 +37,8 @@ import torch
 from workflow_scripts.atomic import write_json, write_text
 from workflow_scripts.compare_report import read_rows, speaker_bootstrap
 from workflow_scripts.embeddings import embed_utterances
-from workflow_scripts.moe import GateMLP, MoEWhisper
+from workflow_scripts.gate_mlp import GateMLP
+from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import SAMPLE_RATE, Utterance
 from workflow_scripts.training import load_base
 from workflow_scripts.whisper_io import input_features, label_ids, pooled_embeddings

@@ -143,7 +143,7 @@ def pretraining_inputs(wildcards):
         return {}
     run = wildcards.run
     return {
-        "gating": f"results/{run}/gating.pt",
+        "gating": f"results/{run}/gating.safetensors",
         "experts": f"results/{run}/experts/manifest.json",
         "assignment": f"results/{run}/experts/assignment.json",
         "embeddings": f"results/{run}/embeddings/mapping.json",
@@ -185,7 +185,7 @@ def compare_train_inputs(wildcards):
     if not skip_pretraining(run) and variant in ("lora_same_params", "lora_same_steps", "moe_random_routing"):
         inputs["clusters"] = f"results/{run}/clusters.json"
     if not skip_pretraining(run) and variant == "moe_random_routing":
-        inputs["gating"] = f"results/{run}/gating.pt"
+        inputs["gating"] = f"results/{run}/gating.safetensors"
         inputs["experts"] = f"results/{run}/experts/manifest.json"
     if variant == "lora_same_steps":
         inputs["mixture"] = f"results/{run}/asr_best"

@@ -7,7 +7,7 @@ rule expert_assignment:
         val="results/{run}/data/asr_val.json",
         mapping="results/{run}/embeddings/mapping.json",
         labels="results/{run}/cluster_labels.npy",
-        gate="results/{run}/gating.pt",
+        gate="results/{run}/gating.safetensors",
         model=lambda w: base_model_input(w.run),
     output:
         "results/{run}/experts/assignment.json",

@@ -6,7 +6,7 @@ rule gating:
         mapping="results/{run}/embeddings/mapping.json",
         labels="results/{run}/cluster_labels.npy",
     output:
-        gate="results/{run}/gating.pt",
+        gate="results/{run}/gating.safetensors",
         metrics="results/{run}/gating_metrics.json",
     log:
         "results/{run}/logs/gating.log",

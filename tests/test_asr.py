@@ -11,7 +11,8 @@ import torch
 
 from workflow_scripts import asr
 from workflow_scripts.decoding import gate_inputs, route_utterances
-from workflow_scripts.moe import load_balance_loss, read_gate_file
+from workflow_scripts.gate_mlp import read_gate_file
+from workflow_scripts.moe import load_balance_loss
 from workflow_scripts.sap_data import read_utterances, write_utterances
 from workflow_scripts.settings import default_run
 from workflow_scripts.training import make_loader, utterance_plan
@@ -73,7 +74,7 @@ def test_random_gate_gets_the_input_standardisation_of_a_pretrained_one(utteranc
     record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
                        tmp_path / "out", tmp_path / "work", settings())
     assert record["pretrained"] is False
-    gate, _ = read_gate_file(tmp_path / "out" / "gate.pt")
+    gate, _ = read_gate_file(tmp_path / "out" / "gate.safetensors")
     moe, processor, pooling, layer = asr.build_moe(str(tiny_random), settings(), None, None)
     emb = gate_inputs(moe, processor, read_utterances(utterance_files / "train.json"), pooling=pooling, layer=layer,
                       batch_size=4, device=torch.device("cpu"))
@@ -166,7 +167,7 @@ def test_joint_training_spreads_a_collapsed_gate_only_with_the_balance_loss(utte
                                                                              balance_weight):
     """The research code's failure: a gate that sends every utterance to one expert. Trained by the real
     joint-training loop, the load-balancing loss spreads the traffic; without it, the gate stays collapsed."""
-    from workflow_scripts.moe import GateMLP, save_gate
+    from workflow_scripts.gate_mlp import GateMLP, save_gate
 
     s = settings(asr={"epochs": 6, "batch_size": 4, "load_balance_weight": balance_weight, "gate_lr": 0.05,
                       "gate_supervision_weight": 0.0},
@@ -175,10 +176,10 @@ def test_joint_training_spreads_a_collapsed_gate_only_with_the_balance_loss(utte
     gate = GateMLP(64, 3, hidden_dim=16, dropout=0.0)
     with torch.no_grad():
         gate.net[-1].bias.copy_(torch.tensor([3.0, 0.0, 0.0]))  # everything to expert 0
-    save_gate(gate, tmp_path / "gating.pt", extra={"pooling": "mean", "layer": "last", "base_model": str(tiny_random),
-                                                    "encoder_window_s": 10})
+    save_gate(gate, tmp_path / "gating.safetensors",
+              extra={"pooling": "mean", "layer": "last", "base_model": str(tiny_random), "encoder_window_s": 10})
     record = asr.train(utterance_files / "train.json", utterance_files / "val.json", str(tiny_random),
-                       tmp_path / "out", tmp_path / "work", s, gating=tmp_path / "gating.pt")
+                       tmp_path / "out", tmp_path / "work", s, gating=tmp_path / "gating.safetensors")
     usage = [h["train_expert_usage"] for h in record["history"]]
     assert usage[0] == [8, 0, 0], usage  # it starts collapsed: all 8 utterances of the first epoch to expert 0
     used_late = {k for epoch in usage[3:] for k, n in enumerate(epoch) if n}

@@ -12,7 +12,8 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from workflow_scripts import decoding
-from workflow_scripts.moe import GateMLP, MoEWhisper
+from workflow_scripts.gate_mlp import GateMLP
+from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance
 from workflow_scripts.training import load_base
 from workflow_scripts.whisper_io import encoder_windows

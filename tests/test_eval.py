@@ -24,7 +24,7 @@ import torch
 
 from workflow_scripts import asr, compare, embeddings, gating
 from workflow_scripts import eval as eval_stage
-from workflow_scripts.moe import read_gate_file, save_gate
+from workflow_scripts.gate_mlp import read_gate_file, save_gate
 from workflow_scripts.sap_data import DataReport, Utterance, read_split, read_utterances, write_utterances
 from workflow_scripts.scoring import read_pairs, score_corpus, score_utterance
 from workflow_scripts.settings import default_run
@@ -86,8 +86,8 @@ def build_pipeline(pooling: str, utterance_files: Path, tiny_random: Path, folde
     embeddings.extract(train_json, base, emb_dir, folder / "work_emb", s)
     speakers = sorted({u.speaker for u in train_utts})
     np.save(folder / "labels.npy", np.array([speakers.index(u.speaker) % 2 for u in train_utts]))
-    gating.train(emb_dir, folder / "labels.npy", folder / "gating.pt", folder / "gating_metrics.json", s)
-    split_gate_at_widest_gap(folder / "gating.pt",
+    gating.train(emb_dir, folder / "labels.npy", folder / "gating.safetensors", folder / "gating_metrics.json", s)
+    split_gate_at_widest_gap(folder / "gating.safetensors",
                              torch.from_numpy(np.load(emb_dir / "embeddings.npy").astype(np.float32)))
 
     routes: dict[int, int] = {}
@@ -112,7 +112,7 @@ def build_pipeline(pooling: str, utterance_files: Path, tiny_random: Path, folde
         mp.setattr(asr, "run_batch", recording_run_batch)
         mp.setattr(eval_stage, "gate_inputs", recording_gate_inputs)
         asr.train(train_json, val_json, base, folder / "asr_best", folder / "work_asr", s,
-                  gating=folder / "gating.pt", embeddings=emb_dir)
+                  gating=folder / "gating.safetensors", embeddings=emb_dir)
         metrics = eval_stage.evaluate(folder / "asr_best", train_json, base, folder / "eval_train", s)
     assert sorted(routes) == list(range(len(train_utts)))
     return Pipeline(s, folder, folder / "asr_best", emb_dir, train_utts, [routes[i] for i in range(len(train_utts))],
@@ -163,7 +163,7 @@ def test_eval_decodes_the_dev_utterances_and_its_metrics_rescore_from_its_tsv(pi
     assert {k: printed[k] for k in ("overall", "per_etiology")} == {k: metrics[k] for k in ("overall", "per_etiology")}
 
     # Each utterance was decoded through the expert the trained gate picks on the embeddings stage's row.
-    gate, _ = read_gate_file(p.asr_best / "gate.pt")
+    gate, _ = read_gate_file(p.asr_best / "gate.safetensors")
     embeddings.extract(tmp_path / "dev.json", str(tiny_random), tmp_path / "emb", tmp_path / "work_emb", settings)
     with torch.no_grad():
         logits = gate.route_logits(torch.from_numpy(np.load(tmp_path / "emb" / "embeddings.npy").astype(np.float32)))
@@ -203,8 +203,8 @@ def test_an_utterance_takes_the_same_expert_in_training_and_at_eval(pipeline, po
     """Training routes from the gate-input cache filled by the embeddings stage, in train mode, in shuffled
     batches of 4; eval computes its own gate inputs from the saved model in batches of 8, in eval mode."""
     p = pipeline(pooling)
-    trained_gate, _ = read_gate_file(p.folder / "gating.pt")
-    saved_gate, _ = read_gate_file(p.asr_best / "gate.pt")
+    trained_gate, _ = read_gate_file(p.folder / "gating.safetensors")
+    saved_gate, _ = read_gate_file(p.asr_best / "gate.safetensors")
     for name, value in trained_gate.state_dict().items():  # same weights in both
         torch.testing.assert_close(saved_gate.state_dict()[name], value)
     assert len(set(p.trained_routes)) == 2  # a real choice: the split gate sends utterances to both experts
@@ -224,9 +224,9 @@ def test_mean_std_pooling_doubles_the_gate_input_from_the_embeddings_stage_to_ev
     np.testing.assert_array_equal(both[:, :D_MODEL], np.load(mean.emb_dir / "embeddings.npy"))
     assert (both[:, D_MODEL:] > 0).all()
     # The gating stage and joint training's own gate take the doubled width; the run records its pooling.
-    gate, _ = read_gate_file(mean_std.asr_best / "gate.pt")
+    gate, _ = read_gate_file(mean_std.asr_best / "gate.safetensors")
     assert gate.config["input_dim"] == 2 * D_MODEL
-    assert read_gate_file(mean_std.folder / "gating.pt")[1]["pooling"] == "mean_std"
+    assert read_gate_file(mean_std.folder / "gating.safetensors")[1]["pooling"] == "mean_std"
     fresh, *_ = asr.build_moe(str(tiny_random), mean_std.settings, None, None)
     assert fresh.gate.config["input_dim"] == 2 * D_MODEL
     assert json.loads((mean_std.asr_best / "training.json").read_text())["pooling"] == "mean_std"

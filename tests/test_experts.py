@@ -12,7 +12,7 @@ from peft import PeftModel
 from transformers import WhisperForConditionalGeneration
 
 from workflow_scripts import embeddings, experts
-from workflow_scripts.moe import GateMLP, save_gate
+from workflow_scripts.gate_mlp import GateMLP, save_gate
 from workflow_scripts.sap_data import DataReport, read_split, write_utterances
 from workflow_scripts.settings import default_run
 from workflow_scripts.training import load_base
@@ -45,7 +45,7 @@ def test_assignment_uses_cluster_labels_then_the_gate(train_utts, tiny_random, t
     torch.manual_seed(0)
     gate = GateMLP(64, 3, hidden_dim=8)
     record = {"pooling": "mean", "layer": 1, "base_model": str(tiny_random), "encoder_window_s": 10}
-    save_gate(gate, tmp_path / "gate.pt", extra=record)
+    save_gate(gate, tmp_path / "gate.safetensors", extra=record)
     write_utterances(tmp_path / "expert.json", embedded + rest)
     write_utterances(tmp_path / "val.json", val)
 
@@ -53,7 +53,7 @@ def test_assignment_uses_cluster_labels_then_the_gate(train_utts, tiny_random, t
         return experts.assign(tmp_path / "expert.json", tmp_path / "val.json", tmp_path / "emb",
                               tmp_path / "labels.npy", gate_file, str(tiny_random), tmp_path / "assignment.json", s)
 
-    result = assign(tmp_path / "gate.pt")
+    result = assign(tmp_path / "gate.safetensors")
 
     assert result["source"] == {"cluster_label": 6, "gate": 6}
     by_id = {d["id"]: d["expert"] for d in result["train"] + result["val"]}
@@ -68,9 +68,10 @@ def test_assignment_uses_cluster_labels_then_the_gate(train_utts, tiny_random, t
     assert json.loads((tmp_path / "assignment.json").read_text())["counts"]["train"] == \
         np.bincount([by_id[u.id] for u in embedded + rest], minlength=3).tolist()
     # A gate trained on other features (here the last layer) would route on the wrong input: refused.
-    save_gate(gate, tmp_path / "stale.pt", extra={**record, "layer": "last"})
-    with pytest.raises(ValueError, match=r"stale.pt: .*embeddings.layer='last'.*embeddings.layer=1.*rerun the gating"):
-        assign(tmp_path / "stale.pt")
+    save_gate(gate, tmp_path / "stale.safetensors", extra={**record, "layer": "last"})
+    with pytest.raises(ValueError,
+                       match=r"stale.safetensors: .*embeddings.layer='last'.*embeddings.layer=1.*rerun the gating"):
+        assign(tmp_path / "stale.safetensors")
 
 
 def test_expert_without_utterances_gets_a_loadable_untrained_adapter(train_utts, tiny_random, tmp_path):

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from workflow_scripts import gating
-from workflow_scripts.moe import read_gate_file
+from workflow_scripts.gate_mlp import read_gate_file
 from workflow_scripts.settings import default_run
 
 RECORD = {"pooling": "mean", "layer": 2, "base_model": "results/_models/tiny.en", "encoder_window_s": 10}
@@ -18,7 +18,7 @@ RECORD = {"pooling": "mean", "layer": 2, "base_model": "results/_models/tiny.en"
 def check(extra: dict, **overrides) -> None:
     expected = {"base_model": "results/_models/tiny.en", "encoder_window_s": 10.0, "pooling": "mean", "layer": 2,
                 **overrides}
-    gating.check_gate_record(extra, path="results/demo/gating.pt", **expected)
+    gating.check_gate_record(extra, path="results/demo/gating.safetensors", **expected)
 
 
 def test_matching_record_passes() -> None:
@@ -39,7 +39,7 @@ def test_mismatch_names_file_key_values_and_the_fix(override: dict, key: str, ha
     with pytest.raises(ValueError) as err:
         check(RECORD, **override)
     message = str(err.value)
-    assert message.startswith("results/demo/gating.pt:")
+    assert message.startswith("results/demo/gating.safetensors:")
     assert f"{key}={have}" in message and f"{key}={want}" in message
     assert "rerun the gating stage" in message
 
@@ -64,8 +64,8 @@ def test_trained_gate_records_its_input(tmp_path: Path) -> None:
     np.save(tmp_path / "labels.npy", labels)
     settings = default_run()
     settings["gating"].update(epochs=3, hidden_dim=8)
-    gating.train(emb_dir, tmp_path / "labels.npy", tmp_path / "gating.pt", tmp_path / "metrics.json", settings)
-    _, extra = read_gate_file(tmp_path / "gating.pt")
+    gating.train(emb_dir, tmp_path / "labels.npy", tmp_path / "gating.safetensors", tmp_path / "metrics.json", settings)
+    _, extra = read_gate_file(tmp_path / "gating.safetensors")
     assert extra == {"pooling": "mean_std", "layer": 1, "base_model": "tiny-random", "encoder_window_s": 10}
     gating.check_gate_record(extra, base_model="tiny-random", encoder_window_s=10, pooling="mean_std", layer=1,
-                             path=tmp_path / "gating.pt")
+                             path=tmp_path / "gating.safetensors")

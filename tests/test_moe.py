@@ -6,14 +6,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from workflow_scripts.moe import (
-    GateMLP,
-    MoEWhisper,
-    load_balance_loss,
-    load_gate,
-    read_gate_file,
-    save_gate,
-)
+from workflow_scripts.gate_mlp import GateMLP, load_gate, read_gate_file, save_gate
+from workflow_scripts.moe import MoEWhisper, load_balance_loss
 
 torch.set_num_threads(1)
 EMB, K, R, ALPHA = 16, 4, 4, 8
@@ -215,7 +209,7 @@ def test_save_from_pretrained_round_trip(base, tmp_path):
     moe.save(tmp_path / "moe")
     moe.save(tmp_path / "moe")  # overwriting an existing folder works
     assert sorted(p.name for p in (tmp_path / "moe").iterdir()) == [
-        "expert_0", "expert_1", "expert_2", "expert_3", "gate.pt", "moe_config.json"]
+        "expert_0", "expert_1", "expert_2", "expert_3", "gate.safetensors", "moe_config.json"]
     assert json.loads((tmp_path / "moe" / "moe_config.json").read_text())["num_experts"] == K
     restored = MoEWhisper.from_pretrained(tmp_path / "moe", copy.deepcopy(base)).eval()
     torch.testing.assert_close(restored.gate.std, moe.gate.std)
@@ -229,12 +223,12 @@ def test_save_from_pretrained_round_trip(base, tmp_path):
 def test_gate_file_round_trip(tmp_path):
     gate = GateMLP(EMB, K, hidden_dim=8)
     gate.fit_standardization(torch.randn(10, EMB) + 5)
-    save_gate(gate, tmp_path / "g" / "gate.pt", {"pooling": "mean", "clusters": [0, 1]})
-    again, extra = read_gate_file(tmp_path / "g" / "gate.pt")
+    save_gate(gate, tmp_path / "g" / "gate.safetensors", {"pooling": "mean", "clusters": [0, 1]})
+    again, extra = read_gate_file(tmp_path / "g" / "gate.safetensors")
     assert extra == {"pooling": "mean", "clusters": [0, 1]}
     x = torch.randn(3, EMB)
     torch.testing.assert_close(again.eval()(x), gate.eval()(x))
-    assert list((tmp_path / "g").iterdir()) == [tmp_path / "g" / "gate.pt"]  # no temp files left
+    assert list((tmp_path / "g").iterdir()) == [tmp_path / "g" / "gate.safetensors"]  # no temp files left
     (tmp_path / "bad.pt").write_bytes(b"junk")
     with pytest.raises(ValueError, match="bad.pt"):
         load_gate(tmp_path / "bad.pt")

@@ -13,7 +13,7 @@ import pytest
 from safetensors.torch import load_file
 
 from workflow_scripts import asr, embeddings, training
-from workflow_scripts.moe import read_gate_file
+from workflow_scripts.gate_mlp import read_gate_file
 from workflow_scripts.settings import default_run
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
@@ -95,8 +95,8 @@ def test_joint_training_resumes_mid_epoch_to_the_same_model(utterance_files, tin
         b = load_file(tmp_path / "b" / f"expert_{k}" / "adapter_model.safetensors")
         for name in a:
             np.testing.assert_allclose(a[name].numpy(), b[name].numpy(), rtol=0, atol=1e-6, err_msg=name)
-    gate_a, _ = read_gate_file(reference / "gate.pt")
-    gate_b, _ = read_gate_file(tmp_path / "b" / "gate.pt")
+    gate_a, _ = read_gate_file(reference / "gate.safetensors")
+    gate_b, _ = read_gate_file(tmp_path / "b" / "gate.safetensors")
     for (name, pa), pb in zip(gate_a.state_dict().items(), gate_b.state_dict().values(), strict=True):
         np.testing.assert_allclose(pa.numpy(), pb.numpy(), rtol=0, atol=1e-6, err_msg=name)
 

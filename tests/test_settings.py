@@ -63,7 +63,7 @@ def test_profile_batch_sizes_reach_the_stage_commands(tmp_path):
     (tmp_path / "runs.yaml").write_text(yaml.safe_dump({"runs": {"x": {"dataset_root": "sap", "base_model": "v2"}}}))
     proc = subprocess.run([str(SNAKEMAKE), "-s", str(REPO / "Snakefile"), "--directory", str(tmp_path),
                            "--profile", str(REPO / "profiles" / "h100_80gb"), "--configfile",
-                           str(tmp_path / "runs.yaml"), "-n", "-p", "results/x/gating.pt"],
+                           str(tmp_path / "runs.yaml"), "-n", "-p", "results/x/gating.safetensors"],
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     hardware = yaml.safe_load((REPO / "profiles" / "h100_80gb" / "hardware.yaml").read_text())

@@ -22,7 +22,7 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from workflow_scripts.moe import read_gate_file, save_gate
+from workflow_scripts.gate_mlp import read_gate_file, save_gate
 from workflow_scripts.scoring import score_corpus
 from workflow_scripts.settings import resolve_run
 from workflow_scripts.variants import variants_of
@@ -290,7 +290,7 @@ def test_validation_speakers_are_not_training_speakers(finished_run):
 
 def test_skip_pretraining_run_trains_from_random_init(finished_run):
     run = finished_run / "results" / "plain"
-    assert not (run / "embeddings").exists() and not (run / "gating.pt").exists()
+    assert not (run / "embeddings").exists() and not (run / "gating.safetensors").exists()
     record = json.loads((run / "asr_best" / "training.json").read_text())
     assert record["pretrained"] is False
     assert json.loads((run / "asr_best" / "moe_config.json").read_text())["num_experts"] == 3
@@ -362,7 +362,7 @@ def test_second_invocation_has_nothing_to_do(finished_run):
 
 
 def test_changed_gate_reruns_only_its_dependents(finished_run):
-    gate_path = finished_run / "results" / "t" / "gating.pt"
+    gate_path = finished_run / "results" / "t" / "gating.safetensors"
     # A bare `touch` is not enough in Snakemake 9: inputs under 1 MB whose checksum is unchanged do not
     # trigger a rerun. Change the gate's content, as retraining it would.
     os.utime(gate_path)

@@ -11,7 +11,7 @@ Gradient accumulation, periodic and resume checkpoints under --work-dir, early s
 validation WER (or loss, training.select_best_by) goes to --out.
 
     python -m workflow_scripts.asr --train data/asr_train.json --val data/asr_val.json --base-model M \
-        [--gating gating.pt --experts experts/manifest.json --assignment experts/assignment.json] \
+        [--gating gating.safetensors --experts experts/manifest.json --assignment experts/assignment.json] \
         --out results/quick/asr_best --work-dir results/quick/_work/asr --settings '{...}'
 """
 
@@ -36,8 +36,9 @@ from workflow_scripts.decoding import (
 )
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.gate_features import gate_features
+from workflow_scripts.gate_mlp import GateMLP, read_gate_file
 from workflow_scripts.gating import check_gate_record
-from workflow_scripts.moe import GateMLP, MoEWhisper, load_balance_loss, read_gate_file
+from workflow_scripts.moe import MoEWhisper, load_balance_loss
 from workflow_scripts.sampling import sample_utterances
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus

@@ -15,7 +15,7 @@ and schedule, and is decoded on the run's eval sample:
 
     python -m workflow_scripts.compare train --variant lora_same_params --train T --val V --base-model M \
         --out compare/lora_same_params/model --work-dir _work/compare/lora_same_params --settings '{...}' \
-        [--clusters clusters.json] [--gating gating.pt --experts experts/manifest.json] [--mixture asr_best]
+        [--clusters clusters.json] [--gating gating.safetensors --experts experts/manifest.json] [--mixture asr_best]
     python -m workflow_scripts.compare eval --variant zero_shot --utterances data/eval.json --base-model M \
         --out-dir compare/zero_shot --settings '{...}' [--model DIR]
 """
@@ -36,6 +36,7 @@ from workflow_scripts import eval as evaluation
 from workflow_scripts.base_model import load_whisper
 from workflow_scripts.decoding import chunk_clips
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
+from workflow_scripts.model_files import read_training_record
 from workflow_scripts.sap_data import DataError, load_audio, read_utterances
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import PLACEHOLDER_SAMPLES
@@ -56,7 +57,7 @@ def train_variant(variant: str, train_path: Path, val_path: Path, base_model: st
     if variant == "lora_same_steps":
         if mixture is None:
             raise ValueError("lora_same_steps needs --mixture (the run's asr_best) to know the mixture's passes")
-        record = json.loads((mixture / "training.json").read_text())
+        record = read_training_record(mixture)
         max_passes = record["utterance_passes"] + record["pretraining_utterance_passes"]
         log.info("training for %d utterance passes (%d joint + %d pretraining)", max_passes,
                  record["utterance_passes"], record["pretraining_utterance_passes"])
@@ -72,7 +73,7 @@ def train_variant(variant: str, train_path: Path, val_path: Path, base_model: st
 def _cost(model_dir: Path) -> dict:
     """Trainable parameters, training seconds and utterance passes of a trained model (pretraining included),
     and its validation WER: design choices are made on held-out Train speakers, not on the eval set."""
-    r = json.loads((model_dir / "training.json").read_text())
+    r = read_training_record(model_dir)
     return {"trainable_params": r["trainable_params"], "val_wer": r["best_val_wer"],
             "train_seconds": round(r["train_seconds"] + r["pretraining_seconds"], 2),
             "utterance_passes": r["utterance_passes"] + r["pretraining_utterance_passes"]}

@@ -28,6 +28,7 @@ import torch
 from workflow_scripts.atomic import atomic_file, write_json, write_text
 from workflow_scripts.decoding import CHUNK_SAMPLES, ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
+from workflow_scripts.model_files import read_training_record
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.scoring import score_corpus, score_utterance
@@ -123,7 +124,7 @@ def evaluate(model_dir: Path, utterances: Path, base_model: str, out_dir: Path, 
     With `update_model_card`, the model folder's README.md gets the Dev scores (the run's own eval; the
     comparison's variants leave it alone). `encoder_window_s` decodes (and routes) at other windows than
     the model was trained with: does a model's WER come from its training windows or its decoding ones?"""
-    record = json.loads((model_dir / "training.json").read_text())
+    record = read_training_record(model_dir)
     if Path(record["base_model"]) != Path(base_model):
         raise ValueError(f"{model_dir} was trained on {record['base_model']} but eval was given {base_model}; "
                          "evaluate with the run's own base model")

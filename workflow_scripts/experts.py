@@ -6,7 +6,7 @@ rest. `train --expert i` fine-tunes expert i (one Snakemake job per expert) and 
 own checkpoint under --work-dir after a crash. `manifest` lists the finished experts.
 
     python -m workflow_scripts.experts assign --utterances data/expert.json --val data/asr_val.json \
-        --embeddings-dir embeddings --labels cluster_labels.npy --gating gating.pt --base-model M --out A
+        --embeddings-dir embeddings --labels cluster_labels.npy --gating gating.safetensors --base-model M --out A
     python -m workflow_scripts.experts train --expert 0 --assignment A --base-model M --out experts/expert_0 \
         --work-dir _work/experts/expert_0 --settings '{...}'
     python -m workflow_scripts.experts manifest --out experts/manifest.json experts/expert_0 experts/expert_1
@@ -26,8 +26,8 @@ from peft import LoraConfig, get_peft_model, get_peft_model_state_dict, set_peft
 from workflow_scripts.atomic import atomic_dir, write_json
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.embeddings import embed_utterances
+from workflow_scripts.gate_mlp import read_gate_file
 from workflow_scripts.gating import check_gate_record
-from workflow_scripts.moe import read_gate_file
 from workflow_scripts.sap_data import Utterance, read_utterances
 from workflow_scripts.settings import parse_settings_arg, precision_setting
 from workflow_scripts.train_loop import fit

@@ -4,7 +4,7 @@ Validation holds out whole speakers (stratified by etiology), so the reported ac
 unseen speakers, as in deployment. Early stopping keeps the weights of the best validation loss.
 
     python -m workflow_scripts.gating train --embeddings-dir results/quick/embeddings \
-        --labels results/quick/cluster_labels.npy --out results/quick/gating.pt \
+        --labels results/quick/cluster_labels.npy --out results/quick/gating.safetensors \
         --metrics-out results/quick/gating_metrics.json --settings '{...}'
     python -m workflow_scripts.gating plot --metrics results/quick/gating_metrics.json --out gating_metrics.png
 """
@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from workflow_scripts.atomic import atomic_file, write_json
-from workflow_scripts.moe import GateMLP, save_gate
+from workflow_scripts.gate_mlp import GateMLP, save_gate
 from workflow_scripts.sampling import speaker_disjoint_split
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.windows import window_ladder

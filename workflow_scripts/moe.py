@@ -23,78 +23,20 @@ from peft import LoraConfig
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from workflow_scripts.atomic import atomic_dir, atomic_file
+from workflow_scripts.atomic import atomic_dir
+from workflow_scripts.gate_mlp import GateMLP, load_gate, save_gate
+from workflow_scripts.model_files import (
+    ModelFolderError,
+    check_adapter,
+    check_expert_folders,
+    check_moe_config,
+    read_json,
+)
 from workflow_scripts.whisper_io import generate as whisper_generate
 
 DEFAULT_TARGETS = ("q_proj", "v_proj")
 WEIGHTINGS = ("prob", "straight_through")
-_GATE_FORMAT = "moe-gate-v1"
-
-
-class GateMLP(nn.Module):
-    """Utterance embedding -> expert logits. Inputs are standardised with stored training stats."""
-
-    def __init__(self, input_dim: int, num_experts: int, hidden_dim: int = 256, dropout: float = 0.1):
-        super().__init__()
-        self.config = {"input_dim": input_dim, "num_experts": num_experts,
-                       "hidden_dim": hidden_dim, "dropout": dropout}
-        self.register_buffer("mean", torch.zeros(input_dim))
-        self.register_buffer("std", torch.ones(input_dim))
-        self.net = nn.Sequential(nn.Linear(input_dim, hidden_dim), nn.GELU(), nn.Dropout(dropout),
-                                 nn.Linear(hidden_dim, num_experts))
-
-    @torch.no_grad()
-    def fit_standardization(self, embeddings: Tensor) -> None:
-        """Set mean/std from training embeddings (N, input_dim); std floored so constant dims stay finite."""
-        emb = self._check(embeddings)
-        self.mean.copy_(emb.mean(0))
-        self.std.copy_(emb.std(0, unbiased=False).clamp_min(1e-6))
-
-    def _check(self, x: Tensor) -> Tensor:
-        if x.dim() != 2 or x.shape[1] != self.config["input_dim"]:
-            raise ValueError(f"gate expects embeddings of shape (batch, {self.config['input_dim']}), "
-                             f"got {tuple(x.shape)}; use the pooling the gate was trained with")
-        return x.to(self.mean.dtype)
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.net((self._check(x) - self.mean) / self.std)
-
-    def route_logits(self, x: Tensor) -> Tensor:
-        """Logits with dropout off, whatever the mode: the route an utterance takes must not depend on a
-        dropout draw, so training routes it exactly as eval will. Dropout still regularises the
-        supervised gate loss, which uses forward()."""
-        h = (self._check(x) - self.mean) / self.std
-        for layer in self.net:
-            if not isinstance(layer, nn.Dropout):
-                h = layer(h)
-        return h
-
-
-def save_gate(gate: GateMLP, path: str | os.PathLike, extra: dict | None = None) -> None:
-    """One torch file with config + weights + ``extra`` (plain Python/tensor values only)."""
-    with atomic_file(path) as f:
-        torch.save({"format": _GATE_FORMAT, "config": gate.config, "state_dict": gate.state_dict(),
-                    "extra": extra or {}}, f)
-
-
-def read_gate_file(path: str | os.PathLike) -> tuple[GateMLP, dict]:
-    """Load a gate saved by :func:`save_gate`; returns (gate, extra)."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"gate file {path} does not exist; train the gate first")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # torch raises several types for corrupt/foreign pickles
-        raise ValueError(f"{path} is not a readable gate file ({err}); re-run the gate training") from err
-    if not isinstance(blob, dict) or blob.get("format") != _GATE_FORMAT:
-        raise ValueError(f"{path} is not a gate file written by save_gate (format {_GATE_FORMAT})")
-    gate = GateMLP(**blob["config"])
-    gate.load_state_dict(blob["state_dict"])
-    return gate, blob["extra"]
-
-
-def load_gate(path: str | os.PathLike) -> GateMLP:
-    return read_gate_file(path)[0]
+GATE_FILE = "gate.safetensors"  # a model folder's gate (gate_mlp.py)
 
 
 class RoutedLoRALinear(nn.Module):
@@ -326,36 +268,13 @@ class MoEWhisper(nn.Module):
     def load_expert_adapter(self, k: int, peft_dir: str | os.PathLike) -> None:
         """Copy a PEFT LoRA adapter folder (same r, alpha, target modules) into expert k (or shared_index)."""
         self._check_expert(k)
-        peft_dir = Path(peft_dir)
-        cfg_path, w_path = peft_dir / "adapter_config.json", peft_dir / "adapter_model.safetensors"
-        for p in (cfg_path, w_path):
-            if not p.is_file():
-                raise FileNotFoundError(f"{p} missing: {peft_dir} is not a PEFT adapter folder")
-        cfg = json.loads(cfg_path.read_text())
-        want = {"peft_type": "LORA", "r": self.config["r"], "lora_alpha": self.config["alpha"],
-                "use_rslora": False, "use_dora": False, "fan_in_fan_out": False, "bias": "none"}
-        for key, value in want.items():
-            if cfg.get(key, value) != value:
-                raise ValueError(f"{cfg_path}: {key}={cfg.get(key)!r} but this MoE needs {key}={value!r}; "
-                                 "train the adapter with the MoE's LoRA settings or build the MoE to match")
-        if cfg.get("rank_pattern") or cfg.get("alpha_pattern"):
-            raise ValueError(f"{cfg_path}: rank_pattern/alpha_pattern are not supported by the MoE")
+        linears = {name: layer.base_layer for name, layer in self.layers.items()}
+        w_path = check_adapter(peft_dir, _adapter_want(self.config), _lora_shapes(linears, self.config["r"]),
+                               self.config["target_modules"])
         tensors = load_file(w_path)
-        expected = {f"base_model.model.{n}.lora_{ab}.weight" for n in self.layers for ab in "AB"}
-        missing, unexpected = sorted(expected - tensors.keys()), sorted(tensors.keys() - expected)
-        if missing or unexpected:
-            raise ValueError(
-                f"{w_path} targets other modules than this MoE (MoE target_modules="
-                f"{self.config['target_modules']!r}, adapter target_modules={cfg.get('target_modules')!r}); "
-                f"missing {missing[:3]}{'...' if len(missing) > 3 else ''}, "
-                f"unexpected {unexpected[:3]}{'...' if len(unexpected) > 3 else ''}")
         for name, layer in self.layers.items():
             for ab, params in (("A", layer.lora_A), ("B", layer.lora_B)):
-                src = tensors[f"base_model.model.{name}.lora_{ab}.weight"]
-                if src.shape != params[k].shape:
-                    raise ValueError(f"{w_path}: {name}.lora_{ab} has shape {tuple(src.shape)}, "
-                                     f"expected {tuple(params[k].shape)}")
-                params[k].copy_(src)
+                params[k].copy_(tensors[f"base_model.model.{name}.lora_{ab}.weight"])
 
     def save_expert_adapter(self, k: int, out_dir: str | os.PathLike) -> None:
         """Write expert k as a PEFT LoRA folder that PeftModel.from_pretrained(base, out_dir) loads."""
@@ -368,33 +287,59 @@ class MoEWhisper(nn.Module):
             save_file(tensors, tmp / "adapter_model.safetensors", metadata={"format": "pt"})
 
     def save(self, out_dir: str | os.PathLike) -> None:
-        """expert_<k>/ (and shared/) PEFT folders + gate.pt (if any) + moe_config.json, written atomically."""
-        with atomic_dir(Path(out_dir)) as tmp:
+        """expert_<k>/ (and shared/) PEFT folders + gate.safetensors (if any) + moe_config.json, written
+        atomically. A config from_pretrained would refuse (a regex target_modules) is refused here."""
+        out_dir = Path(out_dir)
+        check_moe_config(self.config, out_dir / "moe_config.json", WEIGHTINGS)
+        with atomic_dir(out_dir) as tmp:
             for k in range(self.num_experts):
                 self.save_expert_adapter(k, tmp / f"expert_{k}")
             if self.shared_index is not None:
                 self.save_expert_adapter(self.shared_index, tmp / "shared")
             if self.gate is not None:
-                save_gate(self.gate, tmp / "gate.pt")
+                save_gate(self.gate, tmp / GATE_FILE)
             (tmp / "moe_config.json").write_text(json.dumps(self.config, indent=2) + "\n")
 
     @classmethod
     def from_pretrained(cls, moe_dir: str | os.PathLike, base_model: nn.Module | str | os.PathLike) -> MoEWhisper:
-        """Restore a saved MoE onto base_model (a loaded Whisper model, or a folder/hub id to load)."""
+        """Restore a saved MoE onto base_model (a loaded Whisper model, or a folder/hub id to load).
+
+        Every file is checked before what it describes is allocated: the config's sizes, the expert
+        folders it names, the gate's sizes, and each adapter's declared tensor shapes against the base
+        model's layers (model_files.py)."""
         moe_dir = Path(moe_dir)
         cfg_path = moe_dir / "moe_config.json"
         if not cfg_path.is_file():
             raise FileNotFoundError(f"{cfg_path} missing: {moe_dir} is not a folder written by MoEWhisper.save")
-        cfg = json.loads(cfg_path.read_text())
+        cfg = check_moe_config(read_json(cfg_path), cfg_path, WEIGHTINGS)
+        check_expert_folders(moe_dir, cfg["num_experts"], cfg["shared"])
+        if (moe_dir / "gate.pt").exists():
+            raise ModelFolderError(f"{moe_dir / 'gate.pt'} is a gate in the old pickle format, which is not loaded "
+                                   f"(unpickling can run code): rerun the asr stage to write {GATE_FILE}")
+        gate_path = moe_dir / GATE_FILE
+        gate = load_gate(gate_path) if gate_path.exists() else None
         if not isinstance(base_model, nn.Module):
             from transformers import WhisperForConditionalGeneration
 
             base_model = WhisperForConditionalGeneration.from_pretrained(base_model)
-        gate_path = moe_dir / "gate.pt"
-        gate = load_gate(gate_path) if gate_path.exists() else None
+        linears = {name: m for name, m in base_model.named_modules()
+                   if name and _matches(name, cfg["target_modules"]) and isinstance(m, nn.Linear)}
+        names = [f"expert_{k}" for k in range(cfg["num_experts"])] + (["shared"] if cfg["shared"] else [])
+        for name in names:  # before the MoE allocates the adapters these files describe
+            check_adapter(moe_dir / name, _adapter_want(cfg), _lora_shapes(linears, cfg["r"]), cfg["target_modules"])
         moe = cls(base_model, gate=gate, **cfg)
-        for k in range(moe.num_experts):
-            moe.load_expert_adapter(k, moe_dir / f"expert_{k}")
-        if moe.shared_index is not None:
-            moe.load_expert_adapter(moe.shared_index, moe_dir / "shared")
+        for k, name in enumerate(names):
+            moe.load_expert_adapter(k, moe_dir / name)
         return moe
+
+
+def _adapter_want(config: dict) -> dict:
+    """adapter_config.json values an expert of a MoE with this config must have."""
+    return {"peft_type": "LORA", "r": config["r"], "lora_alpha": config["alpha"], "use_rslora": False,
+            "use_dora": False, "fan_in_fan_out": False, "bias": "none"}
+
+
+def _lora_shapes(linears: dict[str, nn.Linear], r: int) -> dict[str, tuple[int, int]]:
+    """Tensor name -> shape in a PEFT LoRA adapter of rank r on these Linear layers (keyed by module name)."""
+    return {f"base_model.model.{name}.lora_{ab}.weight": shape for name, lin in linears.items()
+            for ab, shape in (("A", (r, lin.in_features)), ("B", (lin.out_features, r)))}

@@ -147,7 +147,11 @@ def save_resume(path: Path, state: dict) -> None:
 
 def read_checkpoint(path: Path) -> dict | None:
     """The state saved by save_resume at `path`, or None (with a warning in the log) when the file is
-    cut short or its checksum does not match."""
+    cut short or its checksum does not match.
+
+    It is unpickled with weights_only=True: tensors and plain values only, so a planted file cannot run
+    code (save_resume stores nothing else). One that holds anything else is refused with an error, not
+    skipped: it was not written by save_resume, and a fresh start would hide that."""
     blob = path.read_bytes()
     if len(blob) < _TRAILER or not blob.endswith(CHECKPOINT_TAG):
         log.warning("resume checkpoint %s is damaged (cut short, or not written by this version); skipping it", path)
@@ -156,7 +160,16 @@ def read_checkpoint(path: Path) -> dict | None:
     if hashlib.sha256(payload).digest() != digest:
         log.warning("resume checkpoint %s is damaged (checksum mismatch); skipping it", path)
         return None
-    return torch.load(io.BytesIO(payload), map_location="cpu", weights_only=False)
+    try:
+        state = torch.load(io.BytesIO(payload), map_location="cpu", weights_only=True)
+    except Exception as err:  # torch raises UnpicklingError, RuntimeError, ... for what it will not load
+        raise ValueError(f"{path} holds more than tensors and plain values, so save_resume did not write it and it "
+                         f"is not loaded (unpickling it could run code): delete it and "
+                         f"{previous_checkpoint(path).name} beside it to start this stage afresh") from err
+    if not isinstance(state, dict):
+        raise ValueError(f"{path} is not a resume checkpoint written by save_resume: delete it and "
+                         f"{previous_checkpoint(path).name} beside it to start this stage afresh")
+    return state
 
 
 # Settings that do not change what training computes: where it checkpoints, how often it validates,

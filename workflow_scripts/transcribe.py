@@ -33,6 +33,7 @@ import torch
 
 from workflow_scripts.decoding import chunk_clips, clip_gate_rows, decode_clips
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
+from workflow_scripts.model_files import read_training_record
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import load_audio
 from workflow_scripts.training import load_base
@@ -54,11 +55,7 @@ class Model:
 def load_model(model_dir: str | Path, base_model: str | None = None, precision: str = "auto") -> Model:
     """A run's asr_best/ on its base model (recorded in training.json unless given), ready to decode."""
     model_dir = Path(model_dir)
-    record_path = model_dir / "training.json"
-    if not record_path.is_file():
-        raise FileNotFoundError(f"{record_path} is missing: give a folder written by the asr stage "
-                                "(results/<run>/asr_best)")
-    record = json.loads(record_path.read_text())
+    record = read_training_record(model_dir)
     if record.get("routing", "gate") not in ("gate", "gate_speaker") and record["num_experts"] > 1:
         raise ValueError(f"{model_dir} routes by {record['routing']!r} (a comparison control), which needs "
                          "speaker or etiology labels; transcribe needs a model routed by its gate")
