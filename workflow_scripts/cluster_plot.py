@@ -47,7 +47,7 @@ def run_plot(
 
     cfg, _, seed = resolve_settings(raw_settings)
     emb, etiologies = load_embeddings(embeddings_dir)
-    labels = np.load(labels_path)
+    labels = np.load(labels_path, allow_pickle=False)
     if labels.shape != (emb.shape[0],) or labels.min() < 0:
         raise ClusteringError(
             f"{labels_path} has {labels.shape} labels for {emb.shape[0]} embeddings; rerun the cluster step."

@@ -60,7 +60,7 @@ def load_embeddings(embeddings_dir: str | os.PathLike) -> tuple[np.ndarray, list
     for p in (npy, mapping_path):
         if not p.is_file():
             raise ClusteringError(f"{p} is missing; run the embeddings stage first.")
-    emb = np.load(npy).astype(np.float32)
+    emb = np.load(npy, allow_pickle=False).astype(np.float32)
     with open(mapping_path) as f:
         mapping = json.load(f)
     utts = mapping.get("utterances") or {}

@@ -105,7 +105,7 @@ class PartialStore:
             log.info("partial embeddings in %s belong to other settings; starting over", self.dir)
             return None
         try:
-            rows = np.load(self.dir / "partial.npy")
+            rows = np.load(self.dir / "partial.npy", allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:  # cut short or damaged on disk: never use half of it
             log.warning("partial embeddings in %s are damaged (%s); starting over", self.dir, err)
             return None

@@ -48,7 +48,7 @@ def assign(utterances: Path, val: Path, embeddings_dir: Path, labels_path: Path,
            out: Path, settings: dict, num_workers: int = 0) -> dict:
     """Expert of every expert-sample and validation utterance: cached cluster label, else the gate."""
     mapping = json.loads((embeddings_dir / "mapping.json").read_text())
-    labels = np.load(labels_path)
+    labels = np.load(labels_path, allow_pickle=False)
     gate, extra = read_gate_file(gating)
     gate.eval()
     # Cluster labels come from the cached embeddings and the gate routes the rest: both must describe

@@ -38,7 +38,7 @@ def _reusable_rows(embeddings_dir: Path | None, spec: dict) -> tuple[dict, np.nd
         log.info("embeddings in %s were made with %s, the gate needs %s: computing every row", embeddings_dir,
                  made, spec)
         return {}, None
-    return mapping["utterances"], np.load(embeddings_dir / "embeddings.npy")
+    return mapping["utterances"], np.load(embeddings_dir / "embeddings.npy", allow_pickle=False)
 
 
 def gate_features(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, spec: dict, batch_size: int,
@@ -52,7 +52,7 @@ def gate_features(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, spec
     path = cache_dir / f"gate_inputs_{key}.npy"
     if path.is_file():
         try:
-            cached = np.load(path)
+            cached = np.load(path, allow_pickle=False)
         except (OSError, ValueError, EOFError) as err:  # damaged on disk: compute the rows again
             log.warning("gate input cache %s is damaged (%s); computing it again", path, err)
         else:

@@ -42,7 +42,7 @@ class EmbeddedUtterance(NamedTuple):
 def load_embeddings(embeddings_dir: Path) -> tuple[np.ndarray, list[EmbeddedUtterance], dict]:
     """The float32 embedding matrix, its rows as utterances, and the mapping's metadata."""
     mapping = json.loads((embeddings_dir / "mapping.json").read_text())
-    matrix = np.load(embeddings_dir / "embeddings.npy").astype(np.float32)
+    matrix = np.load(embeddings_dir / "embeddings.npy", allow_pickle=False).astype(np.float32)
     utts = [EmbeddedUtterance(uid, m["speaker"], m["etiology"], m["row"]) for uid, m in mapping["utterances"].items()]
     if len(utts) != len(matrix):
         raise ValueError(f"{embeddings_dir}: mapping.json lists {len(utts)} utterances but embeddings.npy has "
@@ -111,7 +111,7 @@ def train_gate(matrix: np.ndarray, labels: np.ndarray, utts: list[EmbeddedUttera
 
 def train(embeddings_dir: Path, labels_path: Path, out: Path, metrics_out: Path, settings: dict) -> dict:
     matrix, utts, mapping = load_embeddings(embeddings_dir)
-    labels = np.load(labels_path)
+    labels = np.load(labels_path, allow_pickle=False)
     if len(labels) != len(matrix):
         raise ValueError(f"{labels_path} has {len(labels)} labels for {len(matrix)} embeddings; rerun clustering")
     gate, metrics = train_gate(matrix, labels, utts, settings)

@@ -37,7 +37,7 @@ MAX_RECORD_BYTES = 64 << 20  # training.json carries one history entry per epoch
 MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z0-9_]+)*")
 POOLINGS = ("mean", "mean_std")
 TRAINED_ROUTINGS = ("gate", "random_speaker", "etiology")  # asr.routing's values
-REDO = "the folder is damaged or was not written by this workflow: rerun the stage that writes it"
+REDO = "the folder is damaged or was not written by this workflow: rerun the stage that writes it, or get it again"
 
 
 class ModelFolderError(ValueError):
@@ -122,15 +122,15 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, 
 
 
 def check_shapes(path: str | Path, shapes: Mapping[str, tuple[int, ...]],
-                 expected: Mapping[str, tuple[int, ...]], hint: str = "") -> None:
+                 expected: Mapping[str, tuple[int, ...]]) -> None:
     """The file holds exactly the tensors `expected` names, each of the expected shape."""
     missing, unexpected = sorted(expected.keys() - shapes.keys()), sorted(shapes.keys() - expected.keys())
     if missing or unexpected:
-        raise ModelFolderError(f"{path} holds other tensors than expected{hint}: missing {_short(missing)}, "
-                               f"unexpected {_short(unexpected)}")
+        raise ModelFolderError(f"{path} holds other tensors than expected: missing {_short(missing)}, "
+                               f"unexpected {_short(unexpected)}; {REDO}")
     for name, shape in expected.items():
         if tuple(shapes[name]) != tuple(shape):
-            raise ModelFolderError(f"{path}: {name} has shape {tuple(shapes[name])}, expected {tuple(shape)}{hint}")
+            raise ModelFolderError(f"{path}: {name} has shape {tuple(shapes[name])}, expected {tuple(shape)}; {REDO}")
 
 
 def check_gate_config(cfg: object, path: str | Path) -> dict:

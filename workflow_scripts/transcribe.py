@@ -33,7 +33,7 @@ import torch
 
 from workflow_scripts.decoding import chunk_clips, clip_gate_rows, decode_clips
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
-from workflow_scripts.model_files import read_training_record
+from workflow_scripts.model_files import ModelFolderError, read_training_record
 from workflow_scripts.moe import MoEWhisper
 from workflow_scripts.sap_data import load_audio
 from workflow_scripts.training import load_base
@@ -197,7 +197,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    results = transcribe(load_model(args.model, args.base_model, args.precision), args.audio, args.batch_size)
+    try:
+        model = load_model(args.model, args.base_model, args.precision)
+    except (FileNotFoundError, ModelFolderError) as err:
+        sys.exit(f"transcribe: {err}")  # a folder it will not load, not a bug: one line, no traceback
+    results = transcribe(model, args.audio, args.batch_size)
     if args.tsv:
         writer = csv.DictWriter(sys.stdout, fieldnames=FIELDS, delimiter="\t", lineterminator="\n")
         writer.writeheader()
