@@ -46,8 +46,6 @@ import yaml
 from safetensors.torch import load_file
 from test_workflow import CPU_PROFILE, REPO, SNAKEMAKE, TEST_RUN
 
-from workflow_scripts.gate_mlp import read_gate_file
-
 RUN = "c"
 TARGET = f"results/{RUN}/eval/metrics.json"
 CRASH_RUN = {
@@ -485,11 +483,9 @@ def test_same_seed_gives_the_same_numbers(crash_matrix):
             assert _jsonl_without_timing(run / "experts" / expert.name / "metrics.jsonl") == \
                 _jsonl_without_timing(expert / "metrics.jsonl"), expert.name
         ref_joint, joint = _tensors(ref / "asr_best"), _tensors(run / "asr_best")
-        assert {name.split("/")[0] for name in ref_joint} == {"expert_0", "expert_1"}
+        # The gate is a safetensors file too, so its weights are compared with the experts'.
+        assert {name.split(":")[0].split("/")[0] for name in ref_joint} == {"expert_0", "expert_1", "gate.safetensors"}
         _assert_same_tensors(ref_joint, joint, "asr_best")
-        gate_a, _ = read_gate_file(ref / "asr_best" / "gate.safetensors")
-        gate_b, _ = read_gate_file(run / "asr_best" / "gate.safetensors")
-        _assert_same_tensors(gate_a.state_dict(), gate_b.state_dict(), "asr_best/gate.safetensors")
         assert _jsonl_without_timing(run / "asr_best" / "metrics.jsonl") == \
             _jsonl_without_timing(ref / "asr_best" / "metrics.jsonl")
 

@@ -21,7 +21,16 @@ from safetensors.torch import save as safetensors_bytes
 from torch import Tensor, nn
 
 from workflow_scripts.atomic import atomic_file
-from workflow_scripts.model_files import REDO, ModelFolderError, check_gate_config, check_shapes, read_header
+from workflow_scripts.model_files import (
+    POOLINGS,
+    REDO,
+    ModelFolderError,
+    check_choice,
+    check_gate_config,
+    check_layer,
+    check_shapes,
+    read_header,
+)
 
 GATE_FORMAT = "moe-gate-v2"  # v1 was a torch pickle (gating.pt / gate.pt), no longer read
 
@@ -100,6 +109,11 @@ def read_gate_file(path: str | os.PathLike) -> tuple[GateMLP, dict]:
     extra = _metadata_json(path, metadata, "extra")
     if not isinstance(extra, dict):
         raise ModelFolderError(f"{path}: the header's 'extra' metadata is not a JSON object; {REDO}")
+    # The stages embed utterances the way the record says: checked like training.json's same fields.
+    if "pooling" in extra:
+        check_choice(extra["pooling"], path, "pooling", POOLINGS)
+    if "layer" in extra:
+        check_layer(extra["layer"], path)
     check_shapes(path, shapes, GateMLP.shapes(config))
     gate = GateMLP(**config)
     gate.load_state_dict(load_file(path))
