@@ -89,8 +89,9 @@ def test_a_published_stage_removes_its_work_dir_unless_kept(utterance_files, tin
 
     s["asr"]["epochs"] = 1
     s["training"]["keep_work"] = False
+    (tmp_path / ".work.removing-999" / "best").mkdir(parents=True)  # a removal that a kill cut short
     asr.train(train, val, str(tiny_random), tmp_path / "out", tmp_path / "work", s)
-    assert not (tmp_path / "work").exists()
+    assert not (tmp_path / "work").exists() and not list(tmp_path.glob(".work.removing-*"))
     # What a user looks at after the run was published with the model before the folder went.
     out = tmp_path / "out"
     assert json.loads((out / "training.json").read_text())["best_epoch"] == 1

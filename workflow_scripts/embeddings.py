@@ -18,7 +18,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +40,7 @@ from workflow_scripts.whisper_io import (
     pooled_embeddings,
 )
 from workflow_scripts.windows import window_ladder
-from workflow_scripts.work_lock import work_dir_lock
+from workflow_scripts.work_lock import remove_work_dir, work_dir_lock
 
 log = logging.getLogger("embeddings")
 
@@ -163,7 +162,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
                        for i, u in enumerate(utts)},
     }
     write_json(out_dir / "mapping.json", mapping)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_work_dir(work_dir, keep=False)  # the partial rows are of no use once embeddings.npy is written
     log.info("embedded %d utterances: %s float16 (%.1f KiB per utterance)", len(utts), matrix.shape,
              matrix.shape[1] * 2 / 1024)
     return len(utts)

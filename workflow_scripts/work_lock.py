@@ -81,6 +81,19 @@ def work_dir_lock(work_dir: str | os.PathLike, stage: str | None = None) -> Iter
 
 def remove_work_dir(work_dir: str | os.PathLike, keep: bool) -> None:
     """Remove a stage's work folder (resume checkpoints, epoch saves, caches) after its output is published,
-    unless `keep` (training.keep_work). Call it while holding the folder's lock."""
-    if not keep:
-        shutil.rmtree(work_dir, ignore_errors=True)
+    unless `keep` (training.keep_work). Call it while holding the folder's lock.
+
+    The folder is first renamed away in one step: a kill halfway through deleting it in place could leave a
+    final resume checkpoint beside a half-deleted best/, which a rerun would publish as its output. Renamed,
+    the rerun finds no folder and trains afresh; what a kill left under the temporary name goes next time."""
+    if keep:
+        return
+    work_dir = Path(work_dir)
+    for left in work_dir.parent.glob(f".{work_dir.name}.removing-*"):
+        shutil.rmtree(left, ignore_errors=True)
+    doomed = work_dir.with_name(f".{work_dir.name}.removing-{os.getpid()}")
+    try:
+        os.replace(work_dir, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
