@@ -6,7 +6,7 @@ not see a job started by hand, so each training stage takes an exclusive `flock`
 `<work-dir>/.lock` for as long as it runs; a second one stops at once, naming the holder's PID and host.
 The kernel drops the lock when the holder's last descriptor closes, on any exit, SIGKILL included, so
 a crashed run never leaves a stale lock behind (the file stays; only the lock on it counts). Forked
-children (DataLoader workers) share the lock and release it with their parent's exit. On NFS,
+children (DataLoader workers) share the lock until they exit, which they do when their parent dies. On NFS,
 Linux emulates flock with byte-range locks, which the server arbitrates between hosts.
 
 The stage removes its work folder (lock file included) once its output is published, while it still
