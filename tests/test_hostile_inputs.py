@@ -324,3 +324,31 @@ def test_data_stage_run_by_snakemake_writes_the_report_and_the_clean_lists(tiny_
     assert {r: v["count"] for r, v in report["Train"]["skipped"].items() if v["count"]} == hostile.expected_counts()
     # The report's reader sees the name that is not UTF-8, escaped (the first bad_filename: folders come first).
     assert "SPK\\xff\\xfe" in (results / "hostile/data_report.html").read_text(encoding="utf-8")
+
+
+def test_a_download_with_names_that_are_not_utf8_unpacks_and_reports(tiny_corpus, tmp_path):
+    """Tar member names are bytes: a speaker tar holding a folder whose name is not UTF-8, and an unsafe member
+    named so, are unpacked or refused, counted, and both reports are written (the JSON once could not hold them)."""
+    from test_sap_download import RELEASE, _speaker_tar, _tar_bytes
+
+    from workflow_scripts.data import write_data_report
+    from workflow_scripts.sap_download import read_unpack_report, unpack
+
+    speaker = sorted(p for p in (tiny_corpus / "Train").iterdir() if p.is_dir())[0]
+    odd = os.fsdecode(b"SPK\xff")
+    odd_tar = _tar_bytes({f"{odd}/{odd}.json": (speaker / f"{speaker.name}.json").read_bytes(),
+                          "../escape\udcff.txt": b"outside"})
+    split = tmp_path / "DatasetDownload" / "Train"
+    split.mkdir(parents=True)
+    (split / f"{RELEASE}_000.tar").write_bytes(_tar_bytes({f"{speaker.name}.tar": _speaker_tar(speaker),
+                                                           "odd.tar": odd_tar}))
+    unpack(tmp_path / "DatasetDownload", tmp_path / "out", tmp_path / "unpack.json")
+    download = read_unpack_report(tmp_path / "unpack.json")
+    assert download["skipped"]["unsafe_member"]["examples"][0].endswith("odd.tar!../escape\\xff.txt")
+
+    report = DataReport()
+    utts = read_split(tmp_path / "out", "Train", report)
+    assert {u.speaker for u in utts} == {json.loads((speaker / f"{speaker.name}.json").read_text())["Contributor ID"]}
+    assert report.to_dict()["Train"]["skipped"]["bad_filename"]["examples"] == [str(tmp_path / "out/Train/SPK\\xff")]
+    write_data_report(tmp_path / "data_report.json", report, download)
+    assert json.loads((tmp_path / "data_report.json").read_text(encoding="utf-8"))["download"] == download

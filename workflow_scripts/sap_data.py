@@ -209,7 +209,10 @@ def _split_dir(root: Path, split: str) -> Path:
         return split_dir
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist; set dataset_root to the folder with Train/Dev")
-    existing = sorted(shown(p.name) for p in root.iterdir() if p.is_dir())
+    try:
+        existing = sorted(shown(p.name) for p in root.iterdir() if p.is_dir())
+    except OSError as e:
+        raise DataError(f"cannot list dataset root {shown(root)}: {e.strerror}; make it readable") from e
     raise DataError(
         f"split folder {split_dir} does not exist (splits found under {root}: {existing or 'none'}); "
         "fix the split name or dataset_root"

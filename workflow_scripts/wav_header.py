@@ -9,15 +9,16 @@ understand or libsndfile would refuse) goes to soundfile, which also raises for 
 
 Sample checks (:func:`sample_problem`): integer PCM cannot hold NaN, and a clip is silent only if every sample
 byte is the format's zero, so the scan stops at the first other byte, most often within the first 4 KiB
-that the header read already brought into the page cache. Float WAVs are read whole (NaN can hide anywhere);
-other formats are decoded by soundfile.
+that the header read already brought into the page cache. Float WAVs are read whole (NaN can hide anywhere),
+other formats decoded by soundfile, both a block at a time.
 """
 
 from __future__ import annotations
 
 import os
 import struct
-from dataclasses import dataclass
+from collections.abc import Iterator
+from dataclasses import dataclass, field
 from typing import BinaryIO
 
 import numpy as np
@@ -41,6 +42,8 @@ class WavHeader:
     # Of a plain WAV: (offset of the samples, their length in bytes, sample kind: "u8", "int", "<f4" or "<f8");
     # None when soundfile read the header.
     samples: tuple[int, int, str] | None = None
+    # The sample bytes the header read brought in: most clips show sound there, and need no second read.
+    first: bytes = field(default=b"", repr=False, compare=False)
 
 
 def _plain_wav(head: bytes, file_size: int) -> WavHeader | None:
@@ -66,7 +69,7 @@ def _plain_wav(head: bytes, file_size: int) -> WavHeader | None:
             channels, rate, align, kind = fmt
             # A cut-short file holds fewer frames than its header says; libsndfile counts what is there.
             frames = min(size, max(file_size - body, 0)) // align
-            return WavHeader(frames, rate, channels, (body, frames * align, kind))
+            return WavHeader(frames, rate, channels, (body, frames * align, kind), head[body:body + frames * align])
         pos = body + size + (size & 1)  # chunks are padded to an even length
     return None
 
@@ -98,18 +101,35 @@ def _all_bytes(f: BinaryIO, start: int, length: int, zero: bytes) -> bool:
     return True
 
 
-def sample_problem(f: BinaryIO, header: WavHeader) -> str:
-    """NON_FINITE (a NaN or infinite sample), SILENT (every sample zero) or "" for the WAV open in `f`."""
+def _float_blocks(f: BinaryIO, header: WavHeader) -> Iterator[np.ndarray]:
+    """The samples of a float WAV, or of a format soundfile decodes, a block at a time (memory stays bounded)."""
     if header.samples is None:
         f.seek(0)
-        audio, _ = sf.read(f, dtype="float32")
-    else:
+        yield from sf.blocks(f, blocksize=SCAN_BYTES // 4, dtype="float32")
+        return
+    start, length, kind = header.samples
+    size = np.dtype(kind).itemsize
+    f.seek(start)
+    while length > 0:
+        data = f.read(min(SCAN_BYTES, length))  # whole samples: SCAN_BYTES is a multiple of every size
+        if not data:
+            return
+        length -= len(data)
+        yield np.frombuffer(data, dtype=kind, count=len(data) // size)
+
+
+def sample_problem(f: BinaryIO, header: WavHeader) -> str:
+    """NON_FINITE (a NaN or infinite sample), SILENT (every sample zero) or "" for the WAV open in `f`."""
+    if header.samples is not None and header.samples[2] in ("u8", "int"):
         start, length, kind = header.samples
-        if kind in ("u8", "int"):  # 8-bit WAV samples are unsigned, silent at 0x80; wider ones are signed
-            return SILENT if _all_bytes(f, start, length, b"\x80" if kind == "u8" else b"\x00") else ""
-        f.seek(start)
-        data = f.read(length)
-        audio = np.frombuffer(data, dtype=kind, count=len(data) // np.dtype(kind).itemsize)
-    if not np.isfinite(audio).all():
-        return NON_FINITE
-    return "" if audio.any() else SILENT
+        # Integers hold no NaN. 8-bit WAV samples are unsigned, silent at 0x80; wider ones are signed.
+        zero, seen = b"\x80" if kind == "u8" else b"\x00", len(header.first)
+        if header.first.strip(zero):
+            return ""
+        return SILENT if _all_bytes(f, start + seen, length - seen, zero) else ""
+    sound = False
+    for block in _float_blocks(f, header):
+        if not np.isfinite(block).all():
+            return NON_FINITE
+        sound = sound or bool(block.any())
+    return "" if sound else SILENT
