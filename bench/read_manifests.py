@@ -6,7 +6,7 @@ valid 0.1 s 16 kHz tone (3.2 kB, so the tree is ~1.3 GB on disk with 4 kB blocks
 read_split now skips as digital silence). Cached under results/_bench/ (git-ignored) and reused, rebuilt when
 its clips are not these; built in a temp folder and renamed, so a killed build is redone.
 
-Then times, interleaved over --repeats rounds (median and range of wall time):
+Then times, interleaved over --repeats rounds, every other one in reverse order (median and range of wall time):
 - read_split: as it is (speakers over processes, WAV headers parsed by workflow_scripts/wav_header.py, each
   clip checked for NaN/inf and digital silence by reading up to its first non-zero sample);
 - headers_only: the same without the sample checks (what those checks cost);
@@ -160,8 +160,9 @@ def main(argv: list[str] | None = None) -> None:
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     reference = None
-    for _ in range(args.repeats):
-        for name, run in VARIANTS.items():
+    for round_ in range(args.repeats):
+        # Every other round in reverse: on a shared machine the first variant of a round fared differently.
+        for name, run in list(VARIANTS.items())[:: 1 if round_ % 2 == 0 else -1]:
             if args.cold:
                 drop_caches()
             start, start_cpu = time.perf_counter(), time.process_time()
