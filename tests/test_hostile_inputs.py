@@ -352,3 +352,26 @@ def test_a_download_with_names_that_are_not_utf8_unpacks_and_reports(tiny_corpus
     assert report.to_dict()["Train"]["skipped"]["bad_filename"]["examples"] == [str(tmp_path / "out/Train/SPK\\xff")]
     write_data_report(tmp_path / "data_report.json", report, download)
     assert json.loads((tmp_path / "data_report.json").read_text(encoding="utf-8"))["download"] == download
+
+
+def test_the_kit_selection_keeps_what_the_kit_scores_and_counts_it(tiny_corpus, tmp_path):
+    """Read as the challenge kit reads Dev, a silent, a NaN and a 1 Hz clip stay in (the kit scores every wav whose
+    header it reads; eval gives them empty predictions), counted as kept_for_kit; the run's own selection skips
+    them."""
+    corpus = tmp_path / "corpus"
+    shutil.copytree(tiny_corpus, corpus)
+    speaker = sorted(p for p in (corpus / "Dev").iterdir() if p.is_dir())[0]
+    manifest = json.loads((speaker / f"{speaker.name}.json").read_text())
+    makers = {"silent": lambda p: sf.write(p, np.zeros(8000), 16000), "nan": float_wav_with(np.nan),
+              "slow": lambda p: sf.write(p, np.full(2000, 0.1), 1, subtype="PCM_16")}
+    for name, make in makers.items():
+        make(speaker / f"{name}.wav")
+        manifest["Files"].append({**manifest["Files"][0], "Filename": f"{name}.wav"})
+    (speaker / f"{speaker.name}.json").write_text(json.dumps(manifest))
+    kit_report, own_report = DataReport(), DataReport()
+    kit_ids = {u.id for u in read_split(corpus, "Dev", kit_report, as_kit=True)}
+    own_ids = {u.id for u in read_split(corpus, "Dev", own_report)}
+    assert set(makers) <= kit_ids and not set(makers) & own_ids
+    assert kit_report.to_dict()["Dev"]["converted"]["kept_for_kit"]["count"] == 3
+    skipped = own_report.to_dict()["Dev"]["skipped"]
+    assert [skipped[r]["count"] for r in ("silent_audio", "non_finite_audio", "unsupported_rate")] == [1, 1, 1]

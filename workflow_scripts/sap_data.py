@@ -49,6 +49,8 @@ With ``as_kit`` a split is read as the SAP challenge kit's manifest (``utils/man
 xiuwenz2/SAPC-template) lists it, for a Dev WER comparable to the challenge's: every readable wav with
 a transcript entry, of any length (``over_30s`` counts the clips eval decodes in 30 s chunks), empty
 transcripts included, and etiologies outside the run's list labelled ``other`` (``sap_speaker.OTHER_ETIOLOGY``).
+Clips the kit scores but no model can decode (no frames, an unsupported rate, NaN/inf or all-zero samples)
+are kept too and counted as ``kept_for_kit``: eval scores an empty prediction for those it cannot decode.
 
 Durations come from the WAV header and the sample checks read only up to the first non-zero sample of a PCM
 clip (workflow_scripts/wav_header.py), so reading ~320k Train utterances decodes no audio; speakers are read in
@@ -104,7 +106,7 @@ SKIP_REASONS = (
     "silent_audio",
     "too_long",
 )
-CONVERSIONS = ("resampled", "downmixed", "over_30s")
+CONVERSIONS = ("resampled", "downmixed", "over_30s", "kept_for_kit")
 MAX_EXAMPLES = 5
 
 
@@ -333,6 +335,8 @@ def load_audio(path: str | os.PathLike) -> np.ndarray:
             audio = snd.read(dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as e:
         raise DataError(f"cannot decode audio {shown(path)}: {shown(str(e))}; replace or remove the file") from e
+    if not len(audio):
+        raise DataError(f"audio {shown(path)} holds no samples; replace or remove the file")
     if not np.isfinite(audio).all():
         raise DataError(f"audio {shown(path)} holds NaN or infinite samples; replace or remove the file")
     return np.ascontiguousarray(resample(audio.mean(axis=1), rate), dtype=np.float32)

@@ -144,20 +144,26 @@ def _utterance_outcome(wav: str, bounds: tuple[str, ...], transcript: str, as_ki
             return ("skip", "unreadable_wav", "not a regular file (a folder, FIFO or device); not opened")
         with open_regular(wav) as f:
             header = read_header(f)  # header only: durations need no decoding
+            # The challenge kit scores every wav whose header it can read, so its selection keeps these too:
+            # eval cannot decode them and scores an empty prediction, as the kit scores a missing one.
+            kit_only = ""
             if header.frames <= 0:
-                return ("skip", "unreadable_wav", "no audio frames")
-            if not MIN_RATE <= header.rate <= MAX_RATE:
-                return ("skip", "unsupported_rate", f"{header.rate} Hz, outside {MIN_RATE}-{MAX_RATE} Hz")
-            duration = header.frames / header.rate
+                kit_only = "no audio frames"
+            elif not MIN_RATE <= header.rate <= MAX_RATE:
+                kit_only = f"{header.rate} Hz, outside {MIN_RATE}-{MAX_RATE} Hz"
+            if kit_only and not as_kit:
+                return ("skip", "unreadable_wav" if header.frames <= 0 else "unsupported_rate", kit_only)
+            duration = header.frames / header.rate if header.rate > 0 else 0.0
             if duration > max_duration_s and not as_kit:
                 return ("skip", "too_long", f"{duration:.1f} s > {max_duration_s} s")
-            problem = sample_problem(f, header)
+            problem = "" if kit_only else sample_problem(f, header)
     except (RuntimeError, OSError) as e:  # libsndfile errors subclass RuntimeError
         return ("skip", "unreadable_wav", str(e))
-    if problem:
+    if problem and not as_kit:
         return ("skip", "non_finite_audio" if problem == NON_FINITE else "silent_audio", "")
     conversions = tuple(kind for kind, applies in (("over_30s", duration > NATIVE_WINDOW_S),
                                                    ("resampled", header.rate != SAMPLE_RATE),
-                                                   ("downmixed", header.channels > 1))
+                                                   ("downmixed", header.channels > 1),
+                                                   ("kept_for_kit", bool(kit_only or problem)))
                         if applies)
     return ("keep", duration, conversions)
