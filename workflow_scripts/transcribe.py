@@ -41,9 +41,10 @@ import torch
 from workflow_scripts.decoding import chunk_clips, clip_gate_rows, decode_clips
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.moe import MoEWhisper
+from workflow_scripts.safe_files import open_regular
 from workflow_scripts.sap_data import load_audio
 from workflow_scripts.training import load_base
-from workflow_scripts.wav_header import wav_info
+from workflow_scripts.wav_header import read_header
 from workflow_scripts.whisper_audio import NATIVE_WINDOW_S, SAMPLE_RATE
 
 AUDIO_SUFFIXES = (".wav", ".flac")
@@ -108,9 +109,11 @@ def read_audio(path: Path, max_duration_s: float = DEFAULT_MAX_DURATION_S) -> tu
     over `max_duration_s` (by its header, before anything is decoded) or cannot be decoded."""
     _check_regular_file(path)
     try:
-        frames, rate, channels = wav_info(path)
+        with open_regular(path) as f:
+            header = read_header(f)
     except (RuntimeError, OSError) as err:  # libsndfile's errors are RuntimeErrors
         raise ValueError(f"cannot read {path}: {err}") from err
+    frames, rate, channels = header.frames, header.rate, header.channels
     if frames <= 0 or rate <= 0:
         raise ValueError(f"{path} holds no audio")
     duration = frames / rate
