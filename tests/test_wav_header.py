@@ -1,5 +1,6 @@
-"""The WAV header reader the data stage uses gives what soundfile.info gives, and the data stage reads a large
-release in parallel processes into the same utterances and report as one process does."""
+"""The WAV header reader the data stage uses gives what soundfile.info gives, its sample checks find silence and
+NaN/inf wherever they lie, and the data stage reads a large release in parallel processes into the same
+utterances and report as one process does."""
 
 from __future__ import annotations
 
@@ -13,7 +14,19 @@ import soundfile as sf
 
 from workflow_scripts import sap_data
 from workflow_scripts.sap_data import DataReport, read_split
-from workflow_scripts.wav_header import wav_info
+from workflow_scripts.wav_header import NON_FINITE, SILENT, read_header, sample_problem
+
+
+def wav_info(path) -> tuple[int, int, int]:
+    with open(path, "rb") as f:
+        header = read_header(f)
+    return header.frames, header.rate, header.channels
+
+
+def problem_of(path) -> str:
+    with open(path, "rb") as f:
+        return sample_problem(f, read_header(f))
+
 
 FORMATS = [(16000, 1, "PCM_16"), (8000, 2, "PCM_16"), (22050, 1, "PCM_24"), (16000, 8, "PCM_32"),
            (44100, 2, "FLOAT"), (16000, 1, "DOUBLE"), (16000, 1, "ULAW"), (16000, 1, "IMA_ADPCM")]
@@ -73,3 +86,50 @@ def test_parallel_reading_gives_the_same_utterances_and_report(tiny_corpus, tmp_
     assert results[0] == results[1] and reports[0] == reports[1]
     assert reports[0]["Train"]["skipped"]["duplicate_id"]["count"] == 1
     assert reports[0]["Train"]["skipped"]["missing_manifest"]["count"] == 1
+
+
+@pytest.mark.parametrize("subtype", ["PCM_U8", "PCM_16", "PCM_24", "PCM_32", "FLOAT", "DOUBLE"])
+def test_silence_is_found_and_one_late_sample_is_not_silence(tmp_path, subtype):
+    """Digital silence in every sample width (8-bit WAV is unsigned: its zero is 0x80); a single non-zero sample
+    10 s in, far past the first block read, makes the clip not silent."""
+    path = tmp_path / "a.wav"
+    audio = np.zeros((16000 * 12, 2), np.float32)
+    sf.write(path, audio, 16000, subtype=subtype)
+    assert problem_of(path) == SILENT
+    audio[16000 * 10, 1] = 0.5
+    sf.write(path, audio, 16000, subtype=subtype)
+    assert problem_of(path) == ""
+
+
+@pytest.mark.parametrize("subtype", ["FLOAT", "DOUBLE"])
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_samples_are_found_anywhere(tmp_path, subtype, bad):
+    path = tmp_path / "a.wav"
+    audio = 0.1 * np.sin(np.arange(16000 * 3) / 5.0)
+    audio[-1] = bad  # the last sample: the whole clip must be read
+    sf.write(path, audio, 16000, subtype=subtype)
+    assert problem_of(path) == NON_FINITE
+
+
+def test_other_formats_are_checked_by_decoding(tmp_path):
+    flac = tmp_path / "a.flac"
+    sf.write(flac, np.zeros(8000, np.float32), 16000, format="FLAC")
+    assert problem_of(flac) == SILENT
+    sf.write(flac, np.full(8000, 0.25, np.float32), 16000, format="FLAC")
+    assert problem_of(flac) == ""
+
+
+@pytest.mark.parametrize(("bits", "channels"), [(0, 1), (16, 2000)])
+def test_headers_libsndfile_refuses_are_not_parsed_here(tmp_path, bits, channels):
+    """A sample width of 0 once divided by zero here; widths and channel counts libsndfile refuses go to it
+    and raise as it does."""
+    align = channels * bits // 8
+    data = bytes(max(align, 2) * 10)
+    fmt = struct.pack("<HHIIHH", 1, channels, 16000, 16000 * align, align, bits)
+    path = tmp_path / "odd.wav"
+    path.write_bytes(b"RIFF" + struct.pack("<I", 36 + len(data)) + b"WAVE" + b"fmt " + struct.pack("<I", 16) + fmt
+                     + b"data" + struct.pack("<I", len(data)) + data)
+    with pytest.raises(RuntimeError):
+        sf.info(str(path))
+    with pytest.raises(RuntimeError):
+        wav_info(path)

@@ -109,12 +109,13 @@ def add_kit_edge_cases(corpus: Path) -> Path:
     the run does not list, an empty transcript, a transcript behind a `#dis` line and, not scored by either, an entry
     whose wav is missing."""
     dev = corpus / "Dev"
-    source = sorted(p for p in dev.iterdir() if p.is_dir())[-1]
+    sources = [(p, e) for p in sorted(p for p in dev.iterdir() if p.is_dir())
+               for e in json.loads((p / f"{p.name}.json").read_text())["Files"]][:3]
+    manifest = json.loads((sources[0][0] / f"{sources[0][0].name}.json").read_text())
     clone = dev / "UNLISTED1"
     clone.mkdir()
-    manifest = json.loads((source / f"{source.name}.json").read_text())
     files = []
-    for n, entry in enumerate(manifest["Files"][:3]):
+    for n, (source, entry) in enumerate(sources):
         name = f"UNLISTED1_{n}_1_16kHz.wav"
         shutil.copy(source / entry["Filename"], clone / name)
         files.append({**entry, "Filename": name})

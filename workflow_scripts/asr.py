@@ -7,8 +7,9 @@ a load-balancing loss that keeps routing from collapsing onto one expert, and (a
 cross-entropy towards each utterance's pretraining cluster; the route is chosen with dropout off,
 exactly as eval chooses it (workflow_scripts/decoding.py). `asr.routing` swaps the gate for a
 fixed control routing, and one expert makes it a plain LoRA (the comparison's controls).
-Gradient accumulation, periodic and resume checkpoints under --work-dir, early stopping; the best
-validation WER (or loss, training.select_best_by) goes to --out.
+Gradient accumulation, periodic and resume checkpoints under --work-dir (locked while the job runs,
+removed once --out is published unless training.keep_work), early stopping; the best validation WER
+(or loss, training.select_best_by) goes to --out.
 
     python -m workflow_scripts.asr --train data/asr_train.json --val data/asr_val.json --base-model M \
         [--gating gating.safetensors --experts experts/manifest.json --assignment experts/assignment.json] \
@@ -18,6 +19,7 @@ validation WER (or loss, training.select_best_by) goes to --out.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
@@ -55,6 +57,7 @@ from workflow_scripts.training import (
 from workflow_scripts.transcribe import model_card
 from workflow_scripts.whisper_io import autocast, encoder_windows
 from workflow_scripts.windows import window_ladder
+from workflow_scripts.work_lock import remove_work_dir, work_dir_lock
 
 log = logging.getLogger("asr")
 
@@ -324,6 +327,7 @@ def train(train_path: Path, val_path: Path, base_model: str, out: Path, work_dir
     card = work_dir / "README.md"
     write_text(card, model_card(record))
     publish_best(loop["best_dir"], out, record, processor, extra_files=[loop["metrics_path"], card])
+    remove_work_dir(work_dir, keep=tcfg["keep_work"])
     return record
 
 
@@ -352,11 +356,14 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun (training.gpus > 1)
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    train(args.train, args.val, args.base_model, args.out, args.work_dir, parse_settings_arg(args.settings),
-          gating=args.gating, experts=args.experts, assignment=args.assignment, max_passes=args.max_passes,
-          embeddings=args.embeddings.parent if args.embeddings else None)
+    # Under torchrun every process gets the same --work-dir; rank 0 alone writes there, so it alone locks it.
+    lock = work_dir_lock(args.work_dir, "asr") if int(os.environ.get("RANK", 0)) == 0 else contextlib.nullcontext()
+    with lock:
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1:  # started by torchrun (training.gpus > 1)
+            torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+        train(args.train, args.val, args.base_model, args.out, args.work_dir, parse_settings_arg(args.settings),
+              gating=args.gating, experts=args.experts, assignment=args.assignment, max_passes=args.max_passes,
+              embeddings=args.embeddings.parent if args.embeddings else None)
 
 
 if __name__ == "__main__":

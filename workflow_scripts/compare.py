@@ -42,6 +42,7 @@ from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import PLACEHOLDER_SAMPLES
 from workflow_scripts.variants import TRAINED, VARIANTS, variant_settings
 from workflow_scripts.whisper_io import transcribe, window_seconds
+from workflow_scripts.work_lock import work_dir_lock
 
 log = logging.getLogger("compare")
 
@@ -156,8 +157,9 @@ def main(argv: list[str] | None = None) -> None:
     torch.set_num_threads(args.threads)
     settings = parse_settings_arg(args.settings)
     if args.command == "train":
-        train_variant(args.variant, args.train, args.val, args.base_model, args.out, args.work_dir, settings,
-                      clusters=args.clusters, gating=args.gating, experts=args.experts, mixture=args.mixture)
+        with work_dir_lock(args.work_dir, "compare train"):
+            train_variant(args.variant, args.train, args.val, args.base_model, args.out, args.work_dir, settings,
+                          clusters=args.clusters, gating=args.gating, experts=args.experts, mixture=args.mixture)
     else:
         eval_variant(args.variant, args.utterances, args.base_model, args.out_dir, settings, model=args.model,
                      num_workers=args.num_workers)

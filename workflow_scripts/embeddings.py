@@ -4,7 +4,8 @@ One float16 row per utterance (d_model values for mean pooling: 2.5 KiB for larg
 7.3 MiB per-frame float32 arrays the research code stored), taken at the encoder layer
 `embeddings.layer`. Pooling covers only the encoder frames that hold real audio, not the padded
 window. Partial results are saved every `checkpoint_every` utterances under --work-dir, so a crashed
-job resumes where it stopped.
+job resumes where it stopped; they are removed once the embeddings are written, and the CLI locks
+--work-dir while it runs (workflow_scripts/work_lock.py).
 
     python -m workflow_scripts.embeddings --utterances results/quick/data/embedding.json \
         --base-model results/_models/tiny.en --out-dir results/quick/embeddings \
@@ -17,7 +18,6 @@ import argparse
 import hashlib
 import json
 import logging
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -40,6 +40,7 @@ from workflow_scripts.whisper_io import (
     pooled_embeddings,
 )
 from workflow_scripts.windows import window_ladder
+from workflow_scripts.work_lock import remove_work_dir, work_dir_lock
 
 log = logging.getLogger("embeddings")
 
@@ -161,7 +162,7 @@ def extract(utterances_path: Path, base_model: str, out_dir: Path, work_dir: Pat
                        for i, u in enumerate(utts)},
     }
     write_json(out_dir / "mapping.json", mapping)
-    shutil.rmtree(work_dir, ignore_errors=True)
+    remove_work_dir(work_dir, keep=False)  # the partial rows are of no use once embeddings.npy is written
     log.info("embedded %d utterances: %s float16 (%.1f KiB per utterance)", len(utts), matrix.shape,
              matrix.shape[1] * 2 / 1024)
     return len(utts)
@@ -179,8 +180,9 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     torch.set_num_threads(args.threads)
-    extract(args.utterances, args.base_model, args.out_dir, args.work_dir, parse_settings_arg(args.settings),
-            num_workers=args.num_workers)
+    with work_dir_lock(args.work_dir, "embeddings"):
+        extract(args.utterances, args.base_model, args.out_dir, args.work_dir, parse_settings_arg(args.settings),
+                num_workers=args.num_workers)
 
 
 if __name__ == "__main__":

@@ -3,7 +3,8 @@
 `assign` decides each expert-sample (and validation) utterance's expert once: the cluster label for
 utterances that were embedded (the samples are nested, so most are), the pretrained gate for the
 rest. `train --expert i` fine-tunes expert i (one Snakemake job per expert) and resumes from its
-own checkpoint under --work-dir after a crash. `manifest` lists the finished experts.
+own checkpoint under --work-dir after a crash; it locks --work-dir while it runs and removes it once
+the expert is published (workflow_scripts/work_lock.py). `manifest` lists the finished experts.
 
     python -m workflow_scripts.experts assign --utterances data/expert.json --val data/asr_val.json \
         --embeddings-dir embeddings --labels cluster_labels.npy --gating gating.safetensors --base-model M --out A
@@ -40,6 +41,7 @@ from workflow_scripts.training import (
     utterance_plan,
 )
 from workflow_scripts.whisper_io import autocast, encoder_windows
+from workflow_scripts.work_lock import remove_work_dir, work_dir_lock
 
 log = logging.getLogger("experts")
 
@@ -139,6 +141,7 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
         with atomic_dir(work_dir / "best") as tmp:
             model.save_pretrained(tmp)
         publish_best(work_dir / "best", out, metrics)
+        remove_work_dir(work_dir, keep=tcfg["keep_work"])
         return metrics
     cfg = settings["experts"]
     windows = encoder_windows(model)
@@ -162,6 +165,7 @@ def train_expert(expert: int, assignment_path: Path, base_model: str, out: Path,
     if best is None:
         metrics["val_note"] = "validation loss was never finite; the last weights were kept"
     publish_best(loop["best_dir"], out, metrics, extra_files=[loop["metrics_path"]])
+    remove_work_dir(work_dir, keep=tcfg["keep_work"])
     return metrics
 
 
@@ -240,7 +244,8 @@ def main(argv: list[str] | None = None) -> None:
         assign(args.utterances, args.val, args.embeddings_dir, args.labels, args.gating, args.base_model, args.out,
                settings, num_workers=args.num_workers)
     else:
-        train_expert(args.expert, args.assignment, args.base_model, args.out, args.work_dir, settings)
+        with work_dir_lock(args.work_dir, "experts train"):
+            train_expert(args.expert, args.assignment, args.base_model, args.out, args.work_dir, settings)
 
 
 if __name__ == "__main__":

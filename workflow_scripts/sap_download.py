@@ -55,6 +55,7 @@ from typing import IO, Any
 from tqdm import tqdm
 
 from workflow_scripts.atomic import write_bytes, write_json
+from workflow_scripts.safe_files import shown
 from workflow_scripts.sap_data import DataError
 
 log = logging.getLogger("sap_download")
@@ -129,10 +130,10 @@ def locate(root: str | os.PathLike) -> Layout:
     for folder in candidates:
         if scores[folder] == 1:
             return Layout(SPEAKERS, folder)
-    found = sorted(e.name + ("/" if e.is_dir() else "") for e in os.scandir(root))
-    shown = ", ".join(found[:12]) + (f" ... ({len(found)} entries)" if len(found) > 12 else "")
+    found = sorted(shown(e.name) + ("/" if e.is_dir() else "") for e in os.scandir(root))
+    listing = ", ".join(found[:12]) + (f" ... ({len(found)} entries)" if len(found) > 12 else "")
     raise DataError(
-        f"dataset_root {root} matches no SAP layout (found: {shown or 'an empty folder'}). Expected one of: "
+        f"dataset_root {root} matches no SAP layout (found: {listing or 'an empty folder'}). Expected one of: "
         f"<Split>/<speaker>/<speaker>.json + wavs; the kit's raw/<Split>/... or processed/<Split>/...; "
         f"the download, <Split>/*.tar (also as {KIT_DOWNLOAD}/<Split>/*.tar). Point dataset_root at one of these")
 
@@ -150,8 +151,8 @@ class UnpackReport:
 
     def __init__(self, download: Path, out: Path) -> None:
         self.data: dict[str, Any] = {
-            "download": str(download),
-            "unpacked_to": str(out),
+            "download": shown(download),
+            "unpacked_to": shown(out),
             "archives": 0,
             "tars": {"unpacked": 0, "already_unpacked": 0},
             "manifests_from_json_tar": 0,
@@ -160,6 +161,8 @@ class UnpackReport:
         }
 
     def skip(self, reason: str, path: str, detail: str = "") -> None:
+        # A member name that is not UTF-8 (tar allows any bytes) must not break data_report.json.
+        path, detail = shown(path), shown(detail)
         entry = self.data["skipped"][reason]
         entry["count"] += 1
         if len(entry["examples"]) < MAX_EXAMPLES:

@@ -6,7 +6,8 @@ label tokens of its whole group, however the length-bucketed batches divide them
 (gradients summed over ranks, so N processes on N shards equal one process on the global batch),
 clipping and linear warm-up from `training`, the scheduler, mixed-precision scaling, skipped
 non-finite steps, resume checkpoints (weights, optimizer, scheduler, scaler, RNG, position),
-periodic and best checkpoints, early stopping, a progress line and per-step metrics.
+periodic checkpoints (the newest `training.keep_epoch_saves`) and the best one, early stopping, a
+progress line and per-step metrics.
 
 Per-step metrics go to <work_dir>/metrics.jsonl, one JSON object per `training.log_every_steps`
 optimizer steps: step, epoch, learning rate, gradient norm, the recipe's loss parts, expert usage
@@ -22,6 +23,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import shutil
 import sys
 import time
 from collections.abc import Callable, Iterable
@@ -282,6 +284,7 @@ def fit(recipe: Recipe, *, optimizer: torch.optim.Optimizer, plans: list[list[li
             st["stopped"] = waited >= tcfg["patience"]
         if epoch % tcfg["save_every_n_epochs"] == 0 and rank0:
             recipe.save(work_dir / f"epoch_{epoch}")
+            _prune_epoch_saves(work_dir, epoch, tcfg["keep_epoch_saves"])
         st["history"].append(entry)
         log.info("%s epoch %s", name, entry)
         st["epoch"], st["batch_in_epoch"], st["partial"] = epoch + 1, 0, None
@@ -315,6 +318,18 @@ def _read_out(interval: dict, micro: int, st: dict, epoch: int, lr: list[float],
             entry[key] = round(value.item() / per, 6)
     entry["utterances_per_s"] = round(utts / max(time.perf_counter() - since, 1e-9), 2)
     return entry
+
+
+def _prune_epoch_saves(work_dir: Path, epoch: int, keep: int) -> None:
+    """Keep the newest `keep` epoch_N saves up to `epoch`: each is a whole copy of the trainable weights (an
+    8-expert large-v2 mixture's are hundreds of MB). A save numbered after `epoch` is left by an abandoned
+    run whose resume checkpoint no longer matched; it goes too."""
+    saves = {int(p.name.removeprefix("epoch_")): p for p in work_dir.glob("epoch_*")
+             if p.name.removeprefix("epoch_").isdigit()}
+    kept = sorted(n for n in saves if n <= epoch)[-keep:]
+    for n, path in saves.items():
+        if n not in kept:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _truncate_metrics(path: Path, step: int) -> None:

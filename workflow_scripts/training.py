@@ -180,7 +180,7 @@ def read_checkpoint(path: Path) -> dict | None:
 RESUME_NEUTRAL = {
     "training": {"num_workers", "eval_every_n_epochs", "save_every_n_epochs", "checkpoint_every_steps", "patience",
                  "patience_unit", "select_best_by", "val_wer_samples", "log_every_steps", "max_nonfinite_steps",
-                 "tensorboard"},
+                 "tensorboard", "keep_epoch_saves", "keep_work"},
     "embeddings": {"batch_size", "checkpoint_every"},
 }
 
