@@ -141,7 +141,7 @@ def _route(model: Model, audio: np.ndarray, batch_size: int) -> tuple[int, float
     probability = float(probs[expert])
     if not math.isfinite(probability):
         raise ValueError(f"the gate gave a non-finite probability ({probability}) for this audio, so it has no "
-                         "route; check the file's samples, or the model's gate.pt")
+                         "route; check the file's samples, or the model's gate.safetensors")
     return expert, probability
 
 
