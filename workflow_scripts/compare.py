@@ -28,18 +28,16 @@ import logging
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from workflow_scripts import asr
 from workflow_scripts import eval as evaluation
 from workflow_scripts.base_model import load_whisper
-from workflow_scripts.decoding import chunk_clips
+from workflow_scripts.decoding import chunk_clips, join_chunks, read_clips
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.model_files import read_training_record
-from workflow_scripts.sap_data import DataError, load_audio, read_utterances
+from workflow_scripts.sap_data import read_utterances
 from workflow_scripts.settings import parse_settings_arg
-from workflow_scripts.training import PLACEHOLDER_SAMPLES
 from workflow_scripts.variants import TRAINED, VARIANTS, variant_settings
 from workflow_scripts.whisper_io import transcribe, window_seconds
 from workflow_scripts.work_lock import work_dir_lock
@@ -95,20 +93,11 @@ def zero_shot(utterances: Path, base_model: str, out_dir: Path, batch_size: int,
     hyps: list[str] = []
     failed: dict[int, str] = {}
     for begin in range(0, len(utts), batch_size):
-        audios = []
-        for i in range(begin, min(begin + batch_size, len(utts))):
-            try:
-                audios.append(load_audio(utts[i].wav))
-            except DataError as err:
-                failed[i] = str(err)
-                audios.append(np.zeros(PLACEHOLDER_SAMPLES, np.float32))
-        chunks, owner = chunk_clips(audios)
-        texts = transcribe(model, processor, chunks, batch_size=batch_size, precision=precision)
-        joined: list[list[str]] = [[] for _ in audios]
-        for text, o in zip(texts, owner, strict=True):
-            if text:
-                joined[o].append(text)
-        hyps += ["" if begin + j in failed else " ".join(parts) for j, parts in enumerate(joined)]
+        batch = range(begin, min(begin + batch_size, len(utts)))
+        chunks, owner = chunk_clips(read_clips(utts, failed, batch))
+        texts = join_chunks(transcribe(model, processor, chunks, batch_size=batch_size, precision=precision),
+                            owner, len(batch))
+        hyps += ["" if i in failed else text for i, text in zip(batch, texts, strict=True)]
     extra = {"num_experts": 0, "routing": None, "base_model": base_model, "encoder_window_s": [window_seconds(model)],
              "coverage": evaluation.coverage(utts, failed, split_as_kit),
              "decode_seconds": round(time.perf_counter() - start, 2),

@@ -139,11 +139,33 @@ def clip_gate_rows(moe: MoEWhisper, processor, audios: Sequence[np.ndarray], *, 
     return out
 
 
-def _is_long(u: Utterance) -> bool:
+def join_chunks(texts: Sequence[str], owner: Sequence[int], n: int) -> list[str]:
+    """The texts of n clips from their chunks' texts (chunk_clips' order and owners), empty chunks left out."""
+    per_clip: list[list[str]] = [[] for _ in range(n)]
+    for text, o in zip(texts, owner, strict=True):
+        if text:
+            per_clip[o].append(text)
+    return [" ".join(p) for p in per_clip]
+
+
+def is_long(u: Utterance) -> bool:
+    """Over Whisper's 30 s window: no loader window holds it, so it is decoded in chunks."""
     return clip_samples(u.duration_s) > CHUNK_SAMPLES
 
 
-def _read_clips(utts: Sequence[Utterance], failed: dict[int, str] | None, index: Sequence[int]) -> list[np.ndarray]:
+def _short_and_long(utts: Sequence[Utterance], processor, windows: Sequence[float], batch_size: int,
+                    num_workers: int, failed: dict[int, str] | None) -> tuple[list[int], list[int], Iterator[dict]]:
+    """Indices of the clips up to 30 s and of the longer ones, and the loader's batches of the former (their
+    unreadable clips recorded in `failed` under `utts` indices, or raising when it is None)."""
+    short = [i for i, u in enumerate(utts) if not is_long(u)]
+    long = [i for i, u in enumerate(utts) if is_long(u)]
+    subset = [utts[i] for i in short]
+    loader = make_loader(subset, processor, utterance_plan(subset, windows, batch_size, shuffle=False),
+                         windows=windows, num_workers=num_workers, tolerate_unreadable=failed is not None)
+    return short, long, _recording_failures(loader, short, failed)
+
+
+def read_clips(utts: Sequence[Utterance], failed: dict[int, str] | None, index: Sequence[int]) -> list[np.ndarray]:
     """Audio of utts[i] for i in `index`, read here (clips over 30 s, which no loader window holds); one that
     cannot be decoded is a placeholder recorded in `failed`, or raises when `failed` is None."""
     audios = []
@@ -164,17 +186,13 @@ def gate_inputs(moe: MoEWhisper, processor, utts: Sequence[Utterance], *, poolin
     """The gate's input per utterance, each at its own encoder window (as the embeddings stage computes it);
     clips over 30 s as clip_gate_rows makes it. With `failed`, an unreadable clip is recorded there
     ({index: error}) instead of raising."""
-    windows = encoder_windows(moe.base)
-    long = [i for i, u in enumerate(utts) if _is_long(u)]
-    short = [i for i, u in enumerate(utts) if not _is_long(u)]
-    subset = [utts[i] for i in short]
-    loader = make_loader(subset, processor, utterance_plan(subset, windows, batch_size, shuffle=False),
-                         windows=windows, num_workers=num_workers, tolerate_unreadable=failed is not None)
-    rows = pooled_gate_rows(moe, _recording_failures(loader, short, failed), len(short), pooling=pooling,
-                            layer=layer, device=device, precision=precision)
+    short, long, batches = _short_and_long(utts, processor, encoder_windows(moe.base), batch_size, num_workers,
+                                           failed)
+    rows = pooled_gate_rows(moe, batches, len(short), pooling=pooling, layer=layer, device=device,
+                            precision=precision)
     if not long:
         return rows
-    long_rows = clip_gate_rows(moe, processor, _read_clips(utts, failed, long), pooling=pooling, layer=layer,
+    long_rows = clip_gate_rows(moe, processor, read_clips(utts, failed, long), pooling=pooling, layer=layer,
                                batch_size=batch_size, device=device, precision=precision)
     out = long_rows.new_zeros(len(utts), long_rows.shape[1])
     out[short], out[long] = rows, long_rows
@@ -268,15 +286,8 @@ def decode_clips(moe: MoEWhisper, processor, audios: Sequence[np.ndarray], exper
     texts, base = decode_batches(moe, processor, batches, len(chunks), [experts[o] for o in owner],
                                  None if weights is None else [weights[o] for o in owner], device=device,
                                  baseline=baseline, precision=precision, num_beams=num_beams)
-
-    def joined(parts: list[str]) -> list[str]:
-        per_clip: list[list[str]] = [[] for _ in audios]
-        for text, o in zip(parts, owner, strict=True):
-            if text:
-                per_clip[o].append(text)
-        return [" ".join(p) for p in per_clip]
-
-    return joined(texts), None if base is None else joined(base)
+    return (join_chunks(texts, owner, len(audios)),
+            None if base is None else join_chunks(base, owner, len(audios)))
 
 
 def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts: Sequence[int],
@@ -286,14 +297,10 @@ def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts
     """Transcripts of utterances (audio decoded by the loader), each through its expert; clips over 30 s in
     chunks (decode_clips). With `failed`, an unreadable clip gets an empty transcript and is recorded there
     ({index: error}) instead of raising."""
-    windows = encoder_windows(moe.base)
-    long = [i for i, u in enumerate(utts) if _is_long(u)]
-    short = [i for i, u in enumerate(utts) if not _is_long(u)]
-    subset = [utts[i] for i in short]
-    loader = make_loader(subset, processor, utterance_plan(subset, windows, batch_size, shuffle=False),
-                         windows=windows, num_workers=num_workers, tolerate_unreadable=failed is not None)
+    short, long, batches = _short_and_long(utts, processor, encoder_windows(moe.base), batch_size, num_workers,
+                                           failed)
     short_weights = None if weights is None else [weights[i] for i in short]
-    hyps, base_hyps = decode_batches(moe, processor, _recording_failures(loader, short, failed), len(short),
+    hyps, base_hyps = decode_batches(moe, processor, batches, len(short),
                                      [experts[i] for i in short], short_weights, device=device, baseline=baseline,
                                      precision=precision, num_beams=num_beams)
     if not long:
@@ -303,7 +310,7 @@ def decode_routed(moe: MoEWhisper, processor, utts: Sequence[Utterance], experts
         out[i] = hyps[j]
         if base_out is not None:
             base_out[i] = base_hyps[j]
-    audios = _read_clips(utts, failed, long)
+    audios = read_clips(utts, failed, long)
     long_hyps, long_base = decode_clips(moe, processor, audios, [experts[i] for i in long],
                                         None if weights is None else [weights[i] for i in long],
                                         batch_size=batch_size, device=device, baseline=baseline,

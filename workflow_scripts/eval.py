@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from workflow_scripts.atomic import atomic_file, write_json, write_text
-from workflow_scripts.decoding import CHUNK_SAMPLES, ROUTINGS, decode_routed, gate_inputs, gate_routes, route_utterances
+from workflow_scripts.decoding import ROUTINGS, decode_routed, gate_inputs, gate_routes, is_long, route_utterances
 from workflow_scripts.device import pick_device, prepare_precision, resolve_precision
 from workflow_scripts.model_files import read_training_record
 from workflow_scripts.moe import MoEWhisper
@@ -35,7 +35,7 @@ from workflow_scripts.scoring import score_corpus, score_utterance
 from workflow_scripts.settings import parse_settings_arg
 from workflow_scripts.training import load_base
 from workflow_scripts.transcribe import model_card
-from workflow_scripts.windows import clip_samples, window_ladder
+from workflow_scripts.windows import window_ladder
 
 log = logging.getLogger("eval")
 TSV_COLUMNS = ("id", "speaker", "etiology", "expert", "reference", "hypothesis", "wer")
@@ -112,7 +112,7 @@ def coverage(utts: list[Utterance], failed: dict[int, str], split_as_kit: bool |
         log.warning("%d utterance(s) could not be decoded and score as empty hypotheses, e.g. %s",
                     len(failed), utts[min(failed)].wav)
     return {"utterances": len(utts), "split_as_kit": split_as_kit,
-            "over_30s": sum(clip_samples(u.duration_s) > CHUNK_SAMPLES for u in utts),
+            "over_30s": sum(map(is_long, utts)),
             "not_decoded": [{"id": utts[i].id, "wav": utts[i].wav, "error": err} for i, err in sorted(failed.items())]}
 
 
